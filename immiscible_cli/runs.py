@@ -1,0 +1,308 @@
+"""The run-directory format: the only module that knows its file names.
+
+A run directory describes itself (STYLE.md convention 10):
+
+    runs/00007-cifar10-knn/
+      config.yaml      the resolved config (reload with `Run.config()`)
+      meta.json        provenance: argv, versions, git SHA, device, start time
+      log.txt          tee'd log, one fixed-field status line per tick
+      metrics.jsonl    one row per tick (training statistics)
+      fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number
+      checkpoints/     snapshot-000012.800kimg.pt (written atomically)
+      samples/         grid-000012.800kimg.png
+      train.lock       held (flock) by the process training into this directory
+
+`train` creates runs; `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .config import Config, load_run_config
+
+CONFIG = "config.yaml"
+META = "meta.json"
+LOG = "log.txt"
+METRICS = "metrics.jsonl"
+FID = "fid.jsonl"
+CHECKPOINTS = "checkpoints"
+SAMPLES = "samples"
+LOCK = "train.lock"
+
+_RUN_NAME = re.compile(r"^(\d{5,})-(.+)$")
+_SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
+
+
+# The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
+#   kimg, step, fid, num_images, mode ("clean" | "legacy_tensorflow"),
+#   reference {"name", "split", "num_images", "mode", "weights_sha256"} (what the statistics were computed from),
+#   sampler, steps, guidance, ema (bool), weights {"source", "sha256", "dtype"}, seconds (scoring time),
+#   train_s (training seconds elapsed at that checkpoint, FID time excluded), time (ISO timestamp).
+FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "ema", "weights")
+
+
+def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fid.jsonl row that must match for two FIDs to be comparable."""
+    return {key: row.get(key) for key in FID_SETTINGS}
+
+
+class RunError(Exception):
+    """A path that is not a usable run directory, or a run that is busy; the message says which and why."""
+
+
+def kimg_tag(kimg: float) -> str:
+    """Fixed-width, sortable kimg label used in file names: 12.8 -> '000012.800kimg'."""
+    return f"{kimg:010.3f}kimg"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    kimg: float
+    path: Path
+
+
+class Run:
+    """An existing run directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # --- reading -------------------------------------------------------------------------------------------------
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    def config(self) -> Config:
+        return load_run_config(self.config_path())
+
+    def config_dict(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config_path().read_text()) or {}
+
+    def meta(self) -> dict[str, Any]:
+        path = self.path / META
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / METRICS)
+
+    def fid_curve(self) -> list[dict[str, Any]]:
+        """FID rows in file order (sort by kimg where order matters)."""
+        return read_jsonl(self.path / FID)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Snapshots, oldest first."""
+        folder = self.path / CHECKPOINTS
+        found = []
+        for p in folder.glob("snapshot-*kimg.pt") if folder.is_dir() else ():
+            m = _SNAPSHOT.match(p.name)
+            if m:
+                found.append(Checkpoint(float(m.group(1)), p))
+        return sorted(found, key=lambda c: c.kimg)
+
+    def checkpoint_path(self, kimg: float) -> Path:
+        return self.path / CHECKPOINTS / f"snapshot-{kimg_tag(kimg)}.pt"
+
+    def grid_path(self, kimg: float) -> Path:
+        return self.path / SAMPLES / f"grid-{kimg_tag(kimg)}.png"
+
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    # --- appending -----------------------------------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.path / METRICS, row)
+
+    def append_fid(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.path / FID, row)
+
+    def log(self, line: str) -> None:
+        with open(self.path / LOG, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.lock_path())
+
+
+class RunLock:
+    """An exclusive flock on train.lock: released by the OS when the process ends, so a crash leaves no stale lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"{self.path.parent}: already being trained by pid {holder}; wait for it to finish "
+                           f"or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# JSONL
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one row and flush it to disk, so a crash never leaves half a line behind a good one."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a truncated last line (a crash mid-write) is skipped, other bad lines are errors."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RunError(f"{path}: line {i + 1} is not valid JSON; fix or remove that line") from None
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# creating and finding runs
+
+
+def _numbered(root: Path) -> Iterator[tuple[int, Path]]:
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _RUN_NAME.match(p.name)
+            if m and p.is_dir():
+                yield int(m.group(1)), p
+
+
+def next_run_path(root: Path, name: str) -> Path:
+    """The directory `create_run` would make now: one more than the highest number under root."""
+    highest = max((n for n, _ in _numbered(Path(root))), default=-1)
+    return Path(root) / f"{highest + 1:05d}-{name}"
+
+
+def create_run(root: Path, config, argv: list[str] | None = None, device: str = "cpu") -> Run:
+    """Make a new numbered run directory with config.yaml and meta.json; never reuses a number."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = next_run_path(root, config.name)
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:  # another process took this number between listing and mkdir
+            continue
+    (path / CHECKPOINTS).mkdir()
+    (path / SAMPLES).mkdir()
+    write_atomic(path / CONFIG, config.to_yaml().encode())
+    write_atomic(path / META, (json.dumps(provenance(argv, device), indent=2) + "\n").encode())
+    return Run(path)
+
+
+def open_run(path: Path | str) -> Run:
+    """An existing run directory, or RunError saying why the path is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path}: no such run directory")
+    if not path.is_dir() or not (path / CONFIG).is_file():
+        raise RunError(f"{path}: not a run directory (no {CONFIG}); give a folder made by `immiscible train`")
+    return Run(path)
+
+
+def latest_run(root: Path | str = "runs") -> Run:
+    """The highest-numbered run under root."""
+    runs = sorted(_numbered(Path(root)))
+    runs = [(n, p) for n, p in runs if (p / CONFIG).is_file()]
+    if not runs:
+        raise RunError(f"{root}: no runs found; train one with `immiscible train` or name a run directory")
+    return Run(runs[-1][1])
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def provenance(argv: list[str] | None, device: str) -> dict[str, Any]:
+    """meta.json: what produced this run."""
+    import torch
+
+    from . import __version__
+
+    return {
+        "argv": list(argv if argv is not None else sys.argv),
+        "cwd": os.getcwd(),
+        "immiscible_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "git_sha": _git_sha(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_sha() -> str | None:
+    """SHA of the checkout the package runs from, if it is one (an installed wheel has none)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
