@@ -18,6 +18,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+
 DEFAULT_PRESET = "quickstart"
 
 
@@ -272,19 +274,21 @@ class Config(_Section):
 # loading
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config problem, with a one-line message naming the file (or `--set`) and the field path."""
 
 
 def preset_dir() -> Path:
-    """The shipped presets (top-level presets/ in a checkout, immiscible_cli/presets in the wheel)."""
-    return Path(str(importlib.resources.files("immiscible_cli.presets")))
+    """The shipped presets: immiscible_cli/presets in an installed wheel, the top-level presets/ in a checkout."""
+    package = Path(str(importlib.resources.files("immiscible_cli")))
+    installed = package / "presets"
+    return installed if installed.is_dir() else package.parent / "presets"
 
 
 def list_presets() -> dict[str, str]:
     """name -> one-line description (the first header-comment line) of every shipped preset."""
     out = {}
-    for path in sorted(preset_dir().glob("*.yaml")):
+    for path in sorted(preset_dir().glob("*.yaml"), key=lambda p: p.stem):
         first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")
         out[path.stem] = first.lstrip("#").strip()
     return out
@@ -301,7 +305,7 @@ def resolve_preset(preset: str | None) -> Path:
         return candidate
     shipped = preset_dir() / f"{name}.yaml"
     if not shipped.is_file():
-        raise ConfigError(f"--preset {name}: unknown preset (accepted: {', '.join(list_presets())}, "
+        raise ConfigError(f"preset '{name}': unknown preset (accepted: {', '.join(list_presets())}, "
                           f"or a path to a .yaml file)")
     return shipped
 

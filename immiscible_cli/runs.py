@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import yaml
 
 from .config import Config, load_run_config
+from .errors import UserError
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -59,7 +60,7 @@ def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row.get(key) for key in FID_SETTINGS}
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A path that is not a usable run directory, or a run that is busy; the message says which and why."""
 
 

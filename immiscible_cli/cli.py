@@ -1,0 +1,292 @@
+"""The `immiscible` command line: parse, load the config, make one library call, say where results went.
+
+Library modules are imported inside each command so that `immiscible --help` and config errors answer at once,
+without importing torch first.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="immiscible",
+    help="Train image diffusion and flow-matching models faster with immiscible noise assignment, "
+         "watch FID fall, and compare runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+presets_app = typer.Typer(help="List the shipped presets, or show one fully resolved.", no_args_is_help=False,
+                          add_completion=False, rich_markup_mode="rich")
+app.add_typer(presets_app, name="presets")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print each line of a user-facing error and exit (2 = bad input), without a traceback."""
+    for line in str(message).splitlines() or ["unknown error"]:
+        err.print(f"[red]error:[/red] {line}", markup=True)
+    raise typer.Exit(code)
+
+
+def reports_user_errors(command: Callable) -> Callable:
+    """Turn a UserError raised anywhere below a command into `error: ...` and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def examples(*pairs: str) -> str:
+    """An Examples block for a command's help: alternating comment and command lines."""
+    lines = []
+    for i, text in enumerate(pairs):
+        lines.append(f"[dim]# {text}[/dim]" if i % 2 == 0 else f"[cyan]{text}[/cyan]")
+    return "[b]Examples[/b]\n\n" + "\n\n".join(lines)
+
+
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `immiscible presets`) "
+                                                  "or path to a YAML file. Default: quickstart.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.FIELD=VALUE",
+                                                     help="Override one field; VALUE is parsed as YAML. Repeatable.")]
+InceptionOpt = Annotated[Optional[Path], typer.Option("--inception", help="FID Inception weights (TorchScript or "
+                                                      "state_dict); also IMMISCIBLE_INCEPTION.")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command(epilog=examples(
+    "the quickstart preset: embedded Fashion-MNIST, small UNet, CPU-friendly, FID curve included",
+    "immiscible train",
+    "KNN noise selection on CIFAR-10 from a local copy",
+    "immiscible train --preset cifar10-knn --set data.root=~/data/cifar10",
+    "override fields (values are YAML)",
+    "immiscible train --preset fmnist-knn --set train.total_kimg=2 --set assigner.k=4",
+    "print the resolved config and the run directory, write nothing",
+    "immiscible train --preset cifar10-knn --dry-run",
+    "continue a run from its newest readable checkpoint",
+    "immiscible train --resume runs/00003-cifar10-knn",
+))
+@reports_user_errors
+def train(
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder under which numbered run directories are made.")]
+    = Path("runs"),
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Train into exactly this directory; if it "
+                                                    "already holds the same run, continue it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory with its own "
+                                                   "config.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the run directory, "
+                                          "write nothing.")] = False,
+    inception: InceptionOpt = None,
+) -> None:
+    """Train a model with the chosen noise assigner; ticks go to metrics.jsonl, FID points to fid.jsonl."""
+    from . import config as config_mod
+    from . import runs
+
+    if resume is not None:
+        if preset or set_ or run_dir:
+            fail("--resume continues a run with its own config; drop --preset/--set/--run-dir")
+        run = runs.open_run(resume)
+        cfg, target = run.config(), run.path
+    else:
+        cfg = config_mod.load_config(preset, set_ or [])
+        target = run_dir if run_dir is not None else runs.next_run_path(out_dir, cfg.name)
+    if dry_run:
+        out.print(cfg.to_yaml(), end="", markup=False)
+        verb = "continue" if resume is not None or (run_dir is not None and (run_dir / runs.CONFIG).is_file()) \
+            else "create"
+        out.print(f"# dry run: would {verb} {target} (nothing written)", markup=False)
+        return
+    from . import trainer
+
+    run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, inception=inception, argv=sys.argv)
+    out.print(f"run directory: {run.path}", markup=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sample
+
+
+@app.command(epilog=examples(
+    "64 images from the newest checkpoint as one grid",
+    "immiscible sample runs/00003-cifar10-knn --num 64 --grid grid.png",
+    "1000 PNG files, seeds 0..999, 100 sampling steps",
+    "immiscible sample runs/00003-cifar10-knn --seeds 0-999 --out samples/ --steps 100",
+    "the snapshot at 2000 kimg, ancestral sampler, raw (non-EMA) weights",
+    "immiscible sample runs/00004-fmnist-knn --ckpt 2000 --sampler ddpm --no-ema --num 16 --grid g.png",
+))
+@reports_user_errors
+def sample(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    ckpt: Annotated[str, typer.Option(help="`latest` or the kimg of a snapshot.")] = "latest",
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images (seeds 0..N-1).")]
+    = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Seed range A-B (inclusive) or list 1,5,9; one image "
+                                                 "per seed.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (default: the run's sample.steps).")]
+    = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (ddpm runs), euler | heun (flow runs).")]
+    = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance weight (conditional runs).")]
+    = None,
+    class_: Annotated[Optional[int], typer.Option("--class", help="Class label for every image (conditional "
+                                                  "runs; default: seed mod classes).")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write one PNG per image here.")] = None,
+    grid: Annotated[Optional[Path], typer.Option(help="Write all images as one PNG grid.")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
+    from . import runs, sampling
+
+    if out_dir is None and grid is None:
+        fail("nothing to write: give --out DIR and/or --grid FILE.png")
+    written = sampling.sample_run(runs.open_run(run), ckpt=ckpt, seeds=sampling.parse_seeds(seeds, num),
+                                  steps=steps, sampler=sampler, guidance=guidance, label=class_, batch=batch,
+                                  out_dir=out_dir, grid=grid, ema=ema, device=device)
+    for path in written:
+        out.print(f"wrote {path}", markup=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command(name="eval", epilog=examples(
+    "the newest run under runs/: every checkpoint not yet scored with these settings",
+    "immiscible eval --fid",
+    "the final checkpoint with 50k images (the papers' protocol)",
+    "immiscible eval runs/00003-cifar10-knn --fid --num-images 50000 --ckpt latest",
+    "two runs, curves as JSON",
+    "immiscible eval runs/a runs/b --fid --json > curves.json",
+))
+@reports_user_errors
+def eval_(
+    runs_: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="Run directories (default: "
+                                                          "the newest under runs/).")] = None,
+    fid: Annotated[bool, typer.Option("--fid", help="Compute FID (the metric this command computes).")] = False,
+    kid: Annotated[bool, typer.Option("--kid", help="Also compute KID, stored in the same row.")] = False,
+    num_images: Annotated[Optional[int], typer.Option(min=2, help="Generated images per point (default: the "
+                                                      "run's eval.num_images).")] = None,
+    ckpt: Annotated[Optional[list[str]], typer.Option(help="all | latest | KIMG (repeatable). Default: all.")]
+    = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (default: eval.steps).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="Sampler (default: eval.sampler).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="computed | cleanfid (default: eval.reference).")]
+    = None,
+    mode: Annotated[Optional[str], typer.Option(help="clean | legacy_tensorflow (default: eval.mode).")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
+    root: Annotated[Path, typer.Option(help="Where to look for the newest run when none is given.")]
+    = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the curves as JSON on stdout.")] = False,
+    inception: InceptionOpt = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Score a run's checkpoints with FID (clean-fid's pipeline).
+
+    Checkpoints that already have a row with the same settings in fid.jsonl are skipped: re-running adds nothing,
+    and an interrupted eval resumes where it stopped."""
+    from . import evaluate, runs
+
+    if not fid and not kid:
+        fail("choose a metric: --fid (and optionally --kid)")
+    targets = [runs.open_run(p) for p in runs_] if runs_ else [runs.latest_run(root)]
+    result = evaluate.evaluate_runs(targets, ckpts=ckpt or ["all"], num_images=num_images, steps=steps,
+                                    sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
+                                    inception=inception, device=device, console=err)
+    if as_json:
+        print(evaluate.curves_json(result))
+    else:
+        evaluate.print_curves(result, out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# compare
+
+
+@app.command(epilog=examples(
+    "vanilla against KNN: table with best FID, kimg to the baseline's best FID, speed-up",
+    "immiscible compare runs/00001-quickstart runs/00002-quickstart-knn",
+    "a chosen baseline and target FID, plus a plot",
+    "immiscible compare runs/a runs/b runs/c --baseline runs/a --target 30 --plot curves.png",
+    "machine-readable",
+    "immiscible compare runs/* --json > speedups.json",
+))
+@reports_user_errors
+def compare(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUN RUN...", help="Two or more run directories.")],
+    target: Annotated[Optional[float], typer.Option(help="FID to reach (default: the baseline's best FID).")]
+    = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="Baseline run (default: the first run given).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write FID-vs-kimg and FID-vs-time plots to this PNG.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse runs whose FID settings differ.")] = False,
+) -> None:
+    """Compare FID curves: best and final FID, FID at shared kimg, kimg to a target FID and the speed-up."""
+    from . import compare as compare_mod
+
+    if as_json and as_csv:
+        fail("choose one of --json and --csv")
+    compare_mod.main(runs_, target=target, baseline=baseline, plot=plot, fmt="json" if as_json else
+                     "csv" if as_csv else "table", strict=strict, out=out, err=err)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# presets
+
+
+@presets_app.callback(invoke_without_command=True, epilog=examples(
+    "every preset with its one-line description", "immiscible presets",
+    "one preset with every field resolved", "immiscible presets show cifar10-knn",
+))
+def presets_list(ctx: typer.Context) -> None:
+    """List every shipped preset with a one-line description."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from .config import list_presets
+
+    table = Table(show_header=True, header_style="bold", box=None)
+    table.add_column("preset")
+    table.add_column("description")
+    for name, description in list_presets().items():
+        table.add_row(name, description)
+    out.print(table)
+
+
+@presets_app.command("show", epilog=examples("a shipped preset", "immiscible presets show quickstart",
+                                             "your own file", "immiscible presets show ./my-preset.yaml"))
+@reports_user_errors
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path to a YAML file.")]) -> None:
+    """Print a preset fully resolved (every field, defaults included) as YAML."""
+    from .config import load_config
+
+    out.print(load_config(name).to_yaml(), end="", markup=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,311 @@
+"""Dataset sources -> uint8 image sets at the training resolution, and a seeded batch stream in [-1, 1].
+
+Sources (DataConfig.source):
+  embedded       10,000 Fashion-MNIST train images shipped inside the package (works with no network)
+  fashion-mnist  idx files (raw or .gz) in torchvision's layout ROOT/FashionMNIST/raw/ or Debian's flat folder
+                 /usr/share/datasets/fashion-mnist/ (looked up when no root is given); torchvision download online
+  cifar10        ROOT/cifar-10-batches-py/ (read directly) or ROOT/cifar-10-python.tar.gz (md5-checked and
+                 extracted by torchvision); torchvision download online
+  imagefolder    any folder tree of images; labels from first-level sub-folders when there are several
+
+Every source gives an `ImageSet` (uint8 [N, C, H, W] at the configured resolution and channel count, labels int64
+[N]). `BatchStream` turns it into training batches: an epoch-seeded permutation, random flips from the training
+generator, float in [-1, 1], on the GPU without host copies when the set is resident there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+ASSETS = Path(__file__).resolve().parent / "assets"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+class DataError(UserError):
+    """A dataset that cannot be found or read; the message says where it looked and how to provide it."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # [N, C, H, W] uint8
+    labels: torch.Tensor  # [N] int64
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# readers, one per source
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (raw, .gz or .xz): magic 0x0000080N (N = number of dimensions), big-endian sizes, uint8 data."""
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an idx file of unsigned bytes")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated idx file ({data.size} bytes of data, header says {int(np.prod(dims))})")
+    return data.reshape(tuple(dims))
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for suffix in ("", ".gz"):
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """[N, 28, 28] uint8 images and [N] labels of one split; only that split's two files are needed."""
+    prefix = "train" if split == "train" else "t10k"
+    if root is None:
+        folders = [DEBIAN_FASHION_MNIST]
+    else:
+        folders = [Path(root) / "FashionMNIST" / "raw", Path(root)]
+    for folder in folders:
+        images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            return read_idx(images), read_idx(labels)
+    download_root = Path(root) if root else cache_dir() / "datasets"
+    try:  # online users: torchvision fetches all four files into ROOT/FashionMNIST/raw
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(download_root), train=split == "train", download=True)
+    except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        looked = " and ".join(str(f) for f in folders)
+        raise DataError(
+            f"Fashion-MNIST {split} split not found in {looked} and the download failed ({type(e).__name__}); "
+            f"install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or put "
+            f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] in ROOT/FashionMNIST/raw/ and set "
+            f"data.root=ROOT") from None
+    raw = download_root / "FashionMNIST" / "raw"
+    return read_idx(_find_idx(raw, f"{prefix}-images-idx3-ubyte")), read_idx(_find_idx(raw, f"{prefix}-labels-idx1-ubyte"))
+
+
+def load_embedded() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 Fashion-MNIST images shipped in the package (1,000 per class; see assets/LICENSE-fashion-mnist)."""
+    return (read_idx(ASSETS / "fashion-mnist-10k-images-idx3-ubyte.xz"),
+            read_idx(ASSETS / "fashion-mnist-10k-labels-idx1-ubyte.xz"))
+
+
+CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def load_cifar10(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """[N, 32, 32, 3] uint8 images and [N] labels, from the python pickles."""
+    root_path = Path(root) if root else cache_dir() / "datasets"
+    folder = root_path / "cifar-10-batches-py"
+    if not all((folder / name).is_file() for name in CIFAR_FILES[split]):
+        try:  # a local cifar-10-python.tar.gz is md5-checked and extracted without going online; else download
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(root_path), train=split == "train", download=True)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(
+                f"CIFAR-10 not found in {root_path} and the download failed ({type(e).__name__}); either put the "
+                f"extracted folder cifar-10-batches-py/ or cifar-10-python.tar.gz (from "
+                f"https://www.cs.toronto.edu/~kriz/cifar.html) in ROOT and set data.root=ROOT, or run once with "
+                f"network access") from None
+    images, labels = [], []
+    for name in CIFAR_FILES[split]:
+        try:
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], np.int64))
+        except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
+            raise DataError(f"{folder / name}: not a readable CIFAR-10 batch ({e}); re-extract "
+                            f"cifar-10-python.tar.gz") from None
+    return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
+
+
+def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every image under root, centre-cropped to a square and resized (bicubic) to resolution."""
+    from PIL import Image
+
+    if root is None:
+        raise DataError("data.root: imagefolder needs the folder of images; set data.root=PATH")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"data.root: {base} is not a folder of images")
+    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {base}")
+    classes = sorted({p.relative_to(base).parts[0] for p in files if len(p.relative_to(base).parts) > 1})
+    class_index = {name: i for i, name in enumerate(classes)}
+    images, labels = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB" if channels == 3 else "L")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        array = np.asarray(im, np.uint8)
+        images.append(array if array.ndim == 3 else array[:, :, None])
+        parts = path.relative_to(base).parts
+        labels.append(class_index.get(parts[0], 0) if len(parts) > 1 else 0)
+    return np.stack(images), np.asarray(labels, np.int64), max(len(classes), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one entry point
+
+
+def cache_dir() -> Path:
+    """User cache (IMMISCIBLE_CACHE, default ~/.cache/immiscible): downloads and FID statistics, never site-packages."""
+    return Path(os.environ.get("IMMISCIBLE_CACHE", Path.home() / ".cache" / "immiscible"))
+
+
+def load_images(cfg: DataConfig, split: str | None = None) -> ImageSet:
+    """The configured source as uint8 [N, C, H, W] at cfg.resolution with cfg.channels channels."""
+    split = split or cfg.split
+    num_classes = 10
+    if cfg.source == "embedded":
+        images, labels = load_embedded()
+    elif cfg.source == "fashion-mnist":
+        images, labels = load_fashion_mnist(cfg.root, split)
+    elif cfg.source == "cifar10":
+        images, labels = load_cifar10(cfg.root, split)
+    else:
+        images, labels, num_classes = load_imagefolder(cfg.root, cfg.resolution, cfg.channels)
+    if cfg.max_images is not None:
+        images, labels = images[:cfg.max_images], labels[:cfg.max_images]
+    tensor = torch.from_numpy(np.array(images, np.uint8))  # a writable copy (idx arrays are read-only views)
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)  # [N, C, H, W]
+    tensor = fit_resolution(match_channels(tensor, cfg.channels), cfg.resolution, cfg.fit)
+    name = cfg.source if cfg.source != "imagefolder" else f"imagefolder-{Path(cfg.root).resolve().name}"
+    return ImageSet(tensor.contiguous(), torch.from_numpy(np.asarray(labels, np.int64)), num_classes, name)
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> RGB by repetition; RGB -> grey by ITU-R 601 luma (what PIL's convert('L') does)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1)
+    weights = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
+    return ((images.to(torch.int32) * weights).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").to(torch.uint8)
+
+
+def fit_resolution(images: torch.Tensor, resolution: int, fit: str) -> torch.Tensor:
+    """uint8 [N, C, h, w] -> [N, C, resolution, resolution]: zero-pad (then centre-crop) or bicubic resize."""
+    h, w = images.shape[-2:]
+    if (h, w) == (resolution, resolution):
+        return images
+    if fit == "resize":
+        out = F.interpolate(images.float(), size=(resolution, resolution), mode="bicubic", antialias=True,
+                            align_corners=False)
+        return out.round().clamp(0, 255).to(torch.uint8)
+    pad_h, pad_w = max(resolution - h, 0), max(resolution - w, 0)
+    images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))  # 0 = black = -1
+    top, left = (images.shape[-2] - resolution) // 2, (images.shape[-1] - resolution) // 2
+    return images[..., top:top + resolution, left:left + resolution]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training batches
+
+
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(samples: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (rounded), the inverse of to_model_space up to quantisation."""
+    return ((samples.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+class BatchStream:
+    """Endless seeded batches: a fresh permutation per epoch (seeded by seed and epoch, so the data position is two
+    integers), flips drawn from the caller's generator. Batches are float [-1, 1] on `device`.
+
+    The set lives on the GPU when `resident` (no host copy per step); otherwise batches are gathered on the CPU and
+    copied (pinned, non-blocking)."""
+
+    def __init__(self, data: ImageSet, batch_size: int, device: torch.device, seed: int, hflip: bool,
+                 resident: bool):
+        self.batch_size, self.device, self.seed, self.hflip = batch_size, device, seed, hflip
+        self.storage = device if resident else torch.device("cpu")
+        self.images = data.images.to(self.storage)
+        self.labels = data.labels.to(self.storage)
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=generator).to(self.storage)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, C, H, W] float in [-1, 1], [B] labels) on self.device; flips come from `generator`."""
+        pieces = []
+        needed = self.batch_size
+        while needed:
+            take = min(needed, len(self._order) - self.position)
+            pieces.append(self._order[self.position:self.position + take])
+            self.position += take
+            needed -= take
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        index = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        images, labels = self.images[index], self.labels[index]
+        if self.storage != self.device:
+            images = images.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else images.to(self.device)
+            labels = labels.to(self.device, non_blocking=True)
+        x = to_model_space(images)  # [B, C, H, W]
+        if self.hflip:
+            flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5  # [B]
+            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, labels
+
+
+def fits_on_gpu(data: ImageSet, device: torch.device) -> bool:
+    """True when the uint8 set takes under a quarter of the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.images.numel() < free // 4
+
+
+def validate_source(cfg: DataConfig) -> None:
+    """Cheap checks before a run directory is created (a missing root should not leave an empty run behind)."""
+    if cfg.source == "imagefolder" and (cfg.root is None or not Path(cfg.root).is_dir()):
+        raise DataError(f"data.root: imagefolder needs an existing folder of images, got {cfg.root!r}")
+    if cfg.source in ("cifar10", "fashion-mnist") and cfg.root is not None and not Path(cfg.root).exists():
+        raise DataError(f"data.root: {cfg.root} does not exist; create it (the dataset is downloaded there when "
+                        f"online) or point data.root at your copy")
+
