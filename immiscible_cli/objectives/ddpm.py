@@ -1,0 +1,114 @@
+"""DDPM objective (Ho et al. 2020): linear beta schedule, epsilon-prediction loss, DDIM and ancestral samplers.
+
+Symbols: T steps, beta_t linear from beta_start to beta_end, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s
+(timesteps are 0-based: t in [0, T)). The noise is supplied by the caller (the assigner) and is used both to build
+x_t and as the regression target, so a pairing rule changes what the net is trained on consistently.
+
+Samplers run over N timesteps tau_{N-1} > ... > tau_0 spread evenly over [0, T): round(linspace(0, T - 1, N)),
+which starts at T - 1 (the noise level sampling starts from) and ends at 0 (N = 1 uses T - 1 alone). The step from
+tau_0 goes to "abar = 1", i.e. it returns the predicted x0. With N = T both grids are DDPM's own 0..T-1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from immiscible_cli.config import DDPMObjective
+from immiscible_cli.models.unet import guided_prediction
+
+
+class DDPM:
+    """Epsilon-prediction diffusion with a linear beta schedule (config `objective.kind: ddpm`)."""
+
+    samplers: tuple[str, ...] = ("ddim", "ddpm")
+
+    def __init__(self, cfg: DDPMObjective):
+        self.T = cfg.timesteps
+        self.betas = torch.linspace(cfg.beta_start, cfg.beta_end, self.T, dtype=torch.float64)  # [T]
+        self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)  # [T], float64 on the CPU
+        self._alpha_bar_values: list[float] = self.alpha_bar.tolist()  # sampler coefficients, no device syncs
+        self._noising_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _noising_coefficients(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar), sqrt(1 - abar)) as float32 [T] on `device`, copied there once and cached."""
+        if device not in self._noising_cache:
+            self._noising_cache[device] = (self.alpha_bar.sqrt().float().to(device),
+                                           (1.0 - self.alpha_bar).sqrt().float().to(device))
+        return self._noising_cache[device]
+
+    def sample_t(self, batch: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+        """Integer timesteps [B] uniform in [0, T), long, drawn on the generator's device then moved to `device`."""
+        t = torch.randint(0, self.T, (batch,), generator=generator, device=generator.device)
+        return t.to(device)
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the net sees: the integer timestep as float32 (0..T-1), as in DDPM/ADM."""
+        return t.to(torch.float32)
+
+    def loss(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, /,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample L_simple (Ho et al. 2020, Eq. 14): mean over C, H, W of |noise - eps(x_t, t)|^2, [B].
+
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Eq. 4), with the caller's `noise` as the target too.
+        """
+        sqrt_abar, sqrt_one_minus_abar = self._noising_coefficients(x0.device)
+        broadcast = (-1,) + (1,) * (x0.ndim - 1)
+        x_t = sqrt_abar[t].view(broadcast) * x0 + sqrt_one_minus_abar[t].view(broadcast) * noise  # [B, C, H, W]
+        eps = net(x_t, self.net_time(t), labels)  # [B, C, H, W]
+        return (eps.float() - noise.float()).square().flatten(1).mean(dim=1)  # [B]
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        """The N sampler timesteps, descending: round(linspace(0, T - 1, N)) reversed; [T - 1] when N = 1."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in [1, {self.T}] for T = {self.T}, got {steps}")
+        if steps == 1:
+            return [self.T - 1]
+        return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+
+    def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
+               labels: torch.Tensor | None = None, guidance: float = 1.0,
+               randn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Generate from `noise` [B, C, H, W] ~ N(0, I) to model space (no clipping, no decoding).
+
+        sampler "ddim": Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta in [0, 1]; eta = 0 is deterministic).
+        sampler "ddpm": ancestral sampling (Ho et al. 2020, Algorithm 2) on the respaced schedule, with the posterior
+        variance beta-tilde (Eq. 7). `randn(like)` returns fresh per-image-seeded noise shaped like x; it is called
+        once per stochastic step, in step order, always with the full batch. Classifier-free guidance applies when
+        labels are given and guidance != 1.
+        """
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler '{sampler}' does not go with the ddpm objective "
+                             f"(accepted: {', '.join(self.samplers)})")
+        if sampler == "ddim" and not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+        taus = self.sampling_timesteps(steps)
+        stochastic = (sampler == "ddpm" or eta > 0.0) and len(taus) > 1
+        if stochastic and randn is None:
+            raise ValueError(f"sampler '{sampler}' with eta={eta} needs `randn` for its fresh noise")
+
+        x = noise  # [B, C, H, W]
+        for i, tau in enumerate(taus):
+            abar = self._alpha_bar_values[tau]
+            abar_prev = self._alpha_bar_values[taus[i + 1]] if i + 1 < len(taus) else 1.0
+            t_net = self.net_time(torch.full((x.shape[0],), tau, dtype=torch.long, device=x.device))  # [B]
+            eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
+            x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
+            if sampler == "ddim":
+                # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
+                sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+                x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+                if sigma > 0.0:
+                    x = x + sigma * randn(x)
+            else:
+                # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; posterior of Eq. 6-7.
+                alpha = abar / abar_prev
+                beta = 1.0 - alpha
+                mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
+                        + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)
+                variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
+                x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
+        return x
