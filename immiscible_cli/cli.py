@@ -48,7 +48,7 @@ def reports_user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            fail(str(e))
+            fail(str(e), getattr(e, "exit_code", 2))
 
     return wrapper
 
@@ -94,7 +94,8 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Train into exactly this directory; if it "
                                                     "already holds the same run, continue it.")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory with its own "
-                                                   "config.")] = None,
+                                                   "config (--set may change train.total_kimg, eval.*, ...).")]
+    = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the run directory, "
                                           "write nothing.")] = False,
     inception: InceptionOpt = None,
@@ -104,10 +105,12 @@ def train(
     from . import runs
 
     if resume is not None:
-        if preset or set_ or run_dir:
-            fail("--resume continues a run with its own config; drop --preset/--set/--run-dir")
+        if preset or run_dir:
+            fail("--resume continues a run with its own config; drop --preset/--run-dir")
         run = runs.open_run(resume)
-        cfg, target = run.config(), run.path
+        cfg = config_mod.with_overrides(run.config(), set_, config_mod.RESUMABLE_OVERRIDES) if set_ \
+            else run.config()
+        target = run.path
     else:
         cfg = config_mod.load_config(preset, set_ or [])
         target = run_dir if run_dir is not None else runs.next_run_path(out_dir, cfg.name)
@@ -119,7 +122,8 @@ def train(
         return
     from . import trainer
 
-    run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, inception=inception, argv=sys.argv)
+    run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, resume=resume is not None,
+                        inception=inception, argv=sys.argv, console=out)
     out.print(f"run directory: {run.path}", markup=False)
 
 

@@ -8,7 +8,6 @@ and the field path.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.resources
 import json
@@ -274,6 +273,12 @@ class Config(_Section):
 # loading
 
 
+# Fields `immiscible train --resume RUN --set ...` may change: none of them alters the training math, so a run
+# extended this way is the same run as one configured with the new values from the start.
+RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
+                       "train.keep_every_kimg", "sample.", "eval.")
+
+
 class ConfigError(UserError):
     """A config problem, with a one-line message naming the file (or `--set`) and the field path."""
 
@@ -418,10 +423,21 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     raw = read_yaml(path)
     raw.setdefault("name", path.stem)
     source = f"preset {path.stem} ({path})" if path.parent == preset_dir() else str(path)
-    if not overrides:
-        return validate(raw, source)
-    validate(copy.deepcopy(raw), source)  # a broken file is reported as the file's problem
+    config = validate(raw, source)  # a broken file is reported as the file's problem, before any --set
+    return with_overrides(config, overrides) if overrides else config
+
+
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
+                   allowed: tuple[str, ...] | None = None) -> Config:
+    """A copy of config with `--set section.field=value` overrides applied and validated.
+
+    `allowed`: field paths (or section prefixes ending in '.') that may be overridden; others are refused."""
+    raw = config.to_dict()
     for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            raise ConfigError(f"--set {item}: '{key}' cannot change in a run that has started (changeable: "
+                              f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
         apply_override(raw, item)
 
     def blame(field: str) -> str:

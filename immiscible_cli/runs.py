@@ -145,6 +145,22 @@ class Run:
     def lock(self) -> "RunLock":
         return RunLock(self.lock_path())
 
+    def truncate_after(self, kimg: float) -> int:
+        """Drop metrics and FID rows past `kimg` (written after the checkpoint a resumed run restarts from, so the
+        resumed run writes them again); returns how many rows were dropped."""
+        dropped = 0
+        for name in (METRICS, FID):
+            path = self.path / name
+            rows = read_jsonl(path)
+            kept = [row for row in rows if row.get("kimg", 0.0) <= kimg + 1e-9]
+            if len(kept) != len(rows):
+                dropped += len(rows) - len(kept)
+                write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+        return dropped
+
+    def write_config(self, config: Config) -> None:
+        write_atomic(self.config_path(), config.to_yaml().encode())
+
 
 class RunLock:
     """An exclusive flock on train.lock: released by the OS when the process ends, so a crash leaves no stale lock."""
@@ -222,7 +238,7 @@ def next_run_path(root: Path, name: str) -> Path:
     return Path(root) / f"{highest + 1:05d}-{name}"
 
 
-def create_run(root: Path, config, argv: list[str] | None = None, device: str = "cpu") -> Run:
+def create_run(root: Path, config: Config, argv: list[str] | None = None, device: str = "cpu") -> Run:
     """Make a new numbered run directory with config.yaml and meta.json; never reuses a number."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -233,10 +249,22 @@ def create_run(root: Path, config, argv: list[str] | None = None, device: str = 
             break
         except FileExistsError:  # another process took this number between listing and mkdir
             continue
-    (path / CHECKPOINTS).mkdir()
-    (path / SAMPLES).mkdir()
-    write_atomic(path / CONFIG, config.to_yaml().encode())
+    return _populate(path, config, argv, device)
+
+
+def create_run_at(path: Path, config: Config, argv: list[str] | None = None, device: str = "cpu") -> Run:
+    """Make a run directory at exactly `path` (which must not hold another run)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / CONFIG).exists():
+        raise RunError(f"{path}: already holds a run")
+    return _populate(path, config, argv, device)
+
+
+def _populate(path: Path, config: Config, argv: list[str] | None, device: str) -> Run:
+    (path / CHECKPOINTS).mkdir(exist_ok=True)
+    (path / SAMPLES).mkdir(exist_ok=True)
     write_atomic(path / META, (json.dumps(provenance(argv, device), indent=2) + "\n").encode())
+    write_atomic(path / CONFIG, config.to_yaml().encode())  # last: a directory with config.yaml is a whole run
     return Run(path)
 
 

@@ -1,0 +1,245 @@
+"""The training loop: assigner -> objective -> step, EMA, warm-up, ticks, snapshots, FID points, exact resume.
+
+Data flow of one step (STYLE.md): batch x0 -> assigner(x0, generator) -> (x0', noise) -> t = objective.sample_t
+-> per-sample loss = objective.loss(net, x0', noise, t) -> mean -> backward -> clip -> Adam -> EMA.
+
+Every random draw of a step comes from one seeded generator on the training device (data flips, noise, timesteps,
+label dropout) or from torch's seeded global generators (dropout); all of them, the data position, the optimizer
+and both networks are in each snapshot, so a resumed run on the CPU is bit-identical to an uninterrupted one.
+On CUDA the step has no host synchronisation: loss sums and the non-finite check stay on the device until a tick.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, runs
+from .assigners.meter import PairingMeter
+from .config import Config
+from .data import BatchStream, ImageSet, fits_on_gpu, load_images
+from .errors import UserError
+from .objectives import build_objective
+from .sampling import build_network, generate, grid_image, pick_device, save_png
+from .train_report import Reporter
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class TrainingLoop:
+    """State and one step of training; `run()` drives it to cfg.train.total_kimg."""
+
+    def __init__(self, cfg: Config, run: runs.Run, data: ImageSet, device: torch.device, scorer=None):
+        self.cfg, self.run, self.device, self.scorer = cfg, run, device, scorer
+        t = cfg.train
+        torch.manual_seed(cfg.seed)  # weights init and dropout draw from torch's global generators
+        self.net = build_network(cfg).to(device).train()
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.forward = torch.compile(self.net) if t.compile else self.net
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+        self.objective = build_objective(cfg.objective)
+        optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.net.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                   **({"fused": True} if device.type == "cuda" else {}))
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        resident = cfg.data.gpu_resident and fits_on_gpu(data, device)
+        self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident)
+        self.meter = PairingMeter(device)
+        self.params = [p for p in self.net.parameters()]
+        self.ema_params = [p for p in self.ema.parameters()]
+        halflife = t.ema_halflife_kimg
+        self.ema_beta = 0.5 ** (t.batch_size / (halflife * 1000)) if halflife else t.ema_decay
+        self.step, self.nimg, self.train_s, self.tick_step = 0, 0, 0.0, 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def net_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.forward(x, t, labels).float()
+
+    def lr_at(self, nimg: int) -> float:
+        warmup = self.cfg.train.warmup_kimg * 1000
+        return self.cfg.train.lr * (min(1.0, nimg / warmup) if warmup > 0 else 1.0)
+
+    def train_step(self) -> None:
+        cfg, g = self.cfg, self.generator
+        x0, labels = self.stream.next(g)                                       # [B, C, H, W], [B]
+        x0, noise = self.meter.pair(x0, cfg.assigner, g)                       # pairing before t is drawn
+        t = self.objective.sample_t(x0.shape[0], g, self.device)               # [B]
+        if cfg.model.num_classes is None:
+            labels = None
+        elif cfg.train.label_dropout > 0:  # classifier-free guidance: the null label is num_classes
+            drop = torch.rand(labels.shape, generator=g, device=self.device) < cfg.train.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels)
+        loss = self.objective.loss(self.net_fn, x0, noise, t, labels).mean()  # per-sample -> batch mean
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.nimg += x0.shape[0]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.nimg)
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip, foreach=True)
+        self.optimizer.step()
+        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_beta)
+        self.step += 1
+        loss = loss.detach()
+        self.loss_sum += loss
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, self.step), self.first_bad_step)
+
+    # --- snapshots -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, "train_s": self.train_s,
+            "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
+            "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "data": self.stream.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"]["train"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self.stream.load_state_dict(state["data"])
+        self.step, self.nimg, self.train_s = int(state["step"]), int(state["nimg"]), float(state["train_s"])
+        self.tick_step = self.step
+
+    def snapshot(self) -> Path:
+        kimg = self.nimg / 1000
+        path = self.run.checkpoint_path(kimg)
+        checkpoint.save(path, self.state_dict())
+        images = generate(self.ema, self.cfg, list(range(self.cfg.sample.grid_size)),
+                          sampler=self.cfg.sample.sampler, steps=self.cfg.sample.steps,
+                          guidance=self.cfg.sample.guidance, batch=self.cfg.sample.batch_size, device=self.device)
+        save_png(grid_image(images), self.run.grid_path(kimg))
+        checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg)
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def run_loop(self, reporter: Reporter) -> None:
+        t = self.cfg.train
+        total = round(t.total_kimg * 1000)
+        every = {name: round(kimg * 1000) for name, kimg in
+                 (("tick", t.tick_kimg), ("snapshot", t.snapshot_kimg), ("fid", self.cfg.eval.every_kimg))}
+        due = {name: (self.nimg // n + 1) * n if n else None for name, n in every.items()}
+        tick_start, tick_nimg = time.perf_counter(), self.nimg
+        while self.nimg < total:
+            self.train_step()
+            done = self.nimg >= total
+            events = {name for name, at in due.items() if at is not None and (self.nimg >= at or done)}
+            if not events:
+                continue
+            for name in events:
+                due[name] = (self.nimg // every[name] + 1) * every[name] if every[name] else None
+            self.sync()
+            elapsed = time.perf_counter() - tick_start
+            self.train_s += elapsed
+            self.check_finite()
+            self.log_tick(reporter, (self.nimg - tick_nimg) / max(elapsed, 1e-9), self.step - self.tick_step)
+            if "snapshot" in events or done:
+                path = self.snapshot()
+                reporter.note(f"snapshot {path.name}")
+            if self.scorer is not None and ("fid" in events or done):
+                row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
+                                        progress=reporter.sub_progress)
+                self.run.append_fid(row)
+                reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "
+                              f"{row['seconds']:.0f} s)")
+            tick_start, tick_nimg = time.perf_counter(), self.nimg
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def check_finite(self) -> None:
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            kept = self.run.checkpoints()
+            where = f"the last good checkpoint is {kept[-1].path.name}" if kept else "no checkpoint was written"
+            raise TrainingDiverged(f"loss is not finite at step {bad} ({self.run.path}); {where}. Lower train.lr, "
+                                   f"raise train.warmup_kimg or check the data, then resume or start again")
+
+    def log_tick(self, reporter: Reporter, img_per_s: float, steps: int) -> None:
+        row = {"kimg": round(self.nimg / 1000, 6), "step": self.step,
+               "loss": float(self.loss_sum) / max(steps, 1), "lr": self.lr_at(self.nimg),
+               "img_per_s": img_per_s, **self.meter.summary(), "train_s": self.train_s,
+               "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
+        self.loss_sum.zero_()
+        self.tick_step = self.step
+        self.run.append_metrics(row)
+        reporter.tick(row)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool = False,
+          inception: Path | None = None, argv: list[str] | None = None, console=None) -> runs.Run:
+    """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
+    run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed)."""
+    device = pick_device(cfg.train.device)
+    data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
+    if cfg.model.num_classes is not None and int(data.labels.max()) >= cfg.model.num_classes:
+        raise UserError(f"model.num_classes: the data has labels up to {int(data.labels.max())}; set "
+                        f"model.num_classes >= {int(data.labels.max()) + 1}")
+    scorer = None
+    if cfg.eval.every_kimg > 0:
+        from .evaluate import FIDScorer
+
+        scorer = FIDScorer(cfg, device, inception=inception, console=console)  # weights and reference: fail fast
+    run = _open_or_create(cfg, out_root, run_dir, resume, argv, device)
+    with run.lock():
+        if resume and run.config() != cfg:
+            run.write_config(cfg)
+        loop = TrainingLoop(cfg, run, data, device, scorer)
+        with Reporter(run, cfg, console) as reporter:
+            _restore(loop, run, reporter)
+            loop.run_loop(reporter)
+    return run
+
+
+def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: bool, argv, device) -> runs.Run:
+    if run_dir is None:
+        return runs.create_run(out_root, cfg, argv, str(device))
+    if resume or (Path(run_dir) / runs.CONFIG).is_file():
+        run = runs.open_run(run_dir)
+        if not resume and run.config().digest() != cfg.digest():
+            raise UserError(f"{run_dir}: holds a run with another config; continue it with `immiscible train "
+                            f"--resume {run_dir}` or pick a new --run-dir")
+        return run
+    return runs.create_run_at(Path(run_dir), cfg, argv, str(device))
+
+
+def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:
+    loaded = checkpoint.load_newest(run, map_location=loop.device)
+    for message in loaded.skipped if loaded else []:
+        reporter.note(f"skipping {message}")
+    if loaded is None:
+        return
+    loop.load_state_dict(loaded.state)
+    dropped = run.truncate_after(loop.nimg / 1000)
+    reporter.note(f"resumed from {loaded.checkpoint.path.name} (step {loop.step}, {loop.nimg / 1000:g} kimg)"
+                  + (f"; dropped {dropped} log rows written after it" if dropped else ""))
