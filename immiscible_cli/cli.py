@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -36,7 +37,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def fail(message: str, code: int = 2) -> None:
     """Print each line of a user-facing error and exit (2 = bad input), without a traceback."""
     for line in str(message).splitlines() or ["unknown error"]:
-        err.print(f"[red]error:[/red] {line}", markup=True)
+        err.print(f"[red]error:[/red] {escape(line)}", markup=True)
     raise typer.Exit(code)
 
 

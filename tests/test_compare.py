@@ -1,0 +1,271 @@
+"""`immiscible compare`: target crossing and speed-up (exact, on tiny synthetic runs), seed groups, FID-settings
+checks, the JSON / CSV / table outputs, the PNG plot, and the user errors (exit 2, one line, no traceback)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from immiscible_cli import compare
+from immiscible_cli.cli import app
+from immiscible_cli.compare import (CompareError, Curve, kimg_to_reach, mean_curve, shared_kimg_points, speedup,
+                                    value_at)
+from immiscible_cli.config import Config
+
+SETTINGS: dict[str, Any] = {
+    "num_images": 10000, "mode": "clean", "sampler": "euler", "steps": 50, "guidance": 1.0, "ema": True,
+    "reference": {"name": "embedded", "split": "train", "num_images": 10000, "mode": "clean", "weights_sha256": "a" * 64},
+    "weights": {"source": "bundled", "sha256": "b" * 64, "dtype": "float32"},
+}
+
+
+def make_run(root: Path, dirname: str, points: list[tuple[float, float]], *, assigner: dict | None = None,
+             seed: int = 0, seconds_per_kimg: float | None = 10.0, settings: dict | None = None,
+             extra_rows: list[dict] = (), batch_size: int = 128) -> Path:
+    """A run directory as the trainer writes it, with FID (kimg, fid) points; train_s = kimg * seconds_per_kimg."""
+    path = root / dirname
+    path.mkdir()
+    config = Config.model_validate({"name": dirname.split("-", 1)[1], "seed": seed, "objective": {"kind": "flow"},
+                                    "assigner": assigner or {"name": "vanilla"}, "train": {"batch_size": batch_size}})
+    (path / "config.yaml").write_text(config.to_yaml())
+    (path / "meta.json").write_text("{}")
+    last = max(k for k, _ in points)
+    ticks = [{"kimg": k, "step": int(k * 1000 / batch_size), "loss": 0.1, "lr": 2e-4, "img_per_s": 100.0,
+              "assign_ms": 0.1, "pair_dist": 1.0, "pair_dist_reduction": 0.02, "noise_sqnorm": 1.0,
+              "train_s": k * (seconds_per_kimg or 10.0), "peak_mem_mib": 10.0, "time": "t"}
+             for k in range(10, int(last) + 11, 10)]  # the trainer ticks a little past the last FID point
+    (path / "metrics.jsonl").write_text("".join(json.dumps(t) + "\n" for t in ticks))
+    rows = [{"kimg": k, "step": 0, "fid": fid, **(settings or SETTINGS), "seconds": 1.0,
+             "train_s": None if seconds_per_kimg is None else k * seconds_per_kimg, "time": "t"}
+            for k, fid in points]
+    (path / "fid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows]))
+    return path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, ["compare", *map(str, args)])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def as_json(*args: str) -> dict[str, Any]:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # the whole of stdout is one JSON document
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Baseline reaches FID 10 at kimg 40 (between (30, 12) and (50, 8)); the other at kimg 20 (between (10, 14)
+    and (30, 6)), so the speed-up at target 10 is exactly 2. Seconds per kimg: 10 (baseline) and 16 (knn)."""
+    base = make_run(tmp_path, "00001-vanilla", [(50, 8.0), (10, 20.0), (30, 12.0), (70, 7.0)])  # out of order
+    knn = make_run(tmp_path, "00002-knn", [(10, 14.0), (30, 6.0), (50, 5.0), (70, 4.5)], assigner={"name": "knn", "k": 8},
+                   seconds_per_kimg=16.0)
+    return base, knn
+
+
+# --- the pure core ---------------------------------------------------------------------------------------------------
+
+
+def test_kimg_to_reach_interpolates_at_the_first_crossing_and_never_extrapolates() -> None:
+    curve = [(10, 20.0), (30, 12.0), (50, 8.0), (70, 11.0), (90, 7.0)]
+    assert kimg_to_reach(curve, 10.0) == 40.0  # between (30, 12) and (50, 8); the later dip is not used
+    assert kimg_to_reach(curve, 12.0) == 30.0  # exactly on a point
+    assert kimg_to_reach(curve, 6.0) is None  # not reached
+    assert kimg_to_reach(curve, 25.0) == 10.0  # first point already below: its kimg, not a guess towards 0
+    assert kimg_to_reach([], 5.0) is None
+
+
+def test_value_at_speedup_and_shared_points() -> None:
+    points = [(10, 1.0), (30, 3.0)]
+    assert value_at(points, 10) == (1.0, False)
+    assert value_at(points, 20) == (2.0, True)
+    assert value_at(points, 5) is None and value_at(points, 31) is None
+    assert speedup(40.0, 20.0) == 2.0
+    assert speedup(None, 20.0) is None and speedup(40.0, None) is None
+    assert shared_kimg_points([[10, 20, 30, 40], [0, 20, 40, 60]]) == [10, 20, 30, 40]
+    assert shared_kimg_points([[float(k) for k in range(0, 101, 10)]], limit=3) == [0, 50, 100]
+
+
+def test_mean_curve_over_seeds() -> None:
+    seeds = [Curve([10, 30], [14.0, 6.0], [100.0, 300.0]), Curve([10, 30, 50], [16.0, 8.0, 7.0], [120.0, 320.0, 500])]
+    mean = mean_curve(seeds)
+    assert mean.kimg == [10, 30]  # only the range both seeds cover
+    assert mean.fid == [15.0, 7.0] and mean.train_s == [110.0, 310.0]
+    assert mean.fid_std == pytest.approx([math.sqrt(2)] * 2)
+    assert mean_curve([Curve([10], [1.0], [None]), Curve([20], [1.0], [None])]) is None
+
+
+def test_curve_from_rows_sorts_keeps_the_latest_rescore_and_reads_seconds_from_ticks() -> None:
+    rows = [{"kimg": 30, "fid": 9.0, "train_s": 300.0}, {"kimg": 10, "fid": 20.0}, {"kimg": 30, "fid": 8.0}]
+    ticks = [{"kimg": 0, "train_s": 0.0}, {"kimg": 20, "train_s": 250.0}, {"kimg": 40, "train_s": 450.0}]
+    curve = compare.curve_from_rows(rows, ticks)
+    assert curve.kimg == [10, 30] and curve.fid == [20.0, 8.0]
+    assert curve.train_s == [125.0, 350.0]  # interpolated between ticks where the FID row has no train_s
+
+
+# --- speed-up through the CLI ----------------------------------------------------------------------------------------
+
+
+def test_speedup_exact_at_a_given_target(pair: tuple[Path, Path]) -> None:
+    base, knn = pair
+    document = as_json(base, knn, "--target", "10")
+    assert document["baseline"] == "00001-vanilla" and document["target"] == 10.0
+    first, second = document["runs"]
+    assert first["kimg_to_target"] == 40.0 and first["speedup"] == 1.0
+    assert second["kimg_to_target"] == 20.0 and second["speedup"] == 2.0
+    # wall clock: 40 kimg * 10 s = 400 s against 20 kimg * 16 s = 320 s
+    assert second["seconds_to_target"] == 320.0 and second["speedup_wallclock"] == 1.25
+
+
+def test_default_target_is_the_baseline_best_and_not_reached_is_null(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, knn = pair
+    slow = make_run(tmp_path, "00003-slow", [(10, 30.0), (70, 9.0)], batch_size=64)
+    document = as_json(base, knn, slow)
+    assert document["target"] == 7.0 and document["target_source"] == "baseline best FID"
+    rows = {r["run"]: r for r in document["runs"]}
+    assert rows["00001-vanilla"]["best_fid"] == 7.0 and rows["00001-vanilla"]["best_kimg"] == 70
+    assert rows["00001-vanilla"]["kimg_to_target"] == 70.0
+    assert rows["00002-knn"]["kimg_to_target"] == 27.5  # 10 + (14 - 7) / (14 - 6) * 20
+    assert rows["00002-knn"]["speedup"] == pytest.approx(70 / 27.5)
+    assert rows["00003-slow"]["kimg_to_target"] is None and rows["00003-slow"]["speedup"] is None
+    assert not any(r["target_at_first_point"] for r in rows.values())
+    early = as_json(base, knn, "--target", "15")  # knn's first point (10, 14) already meets it: kimg 10, flagged
+    assert early["runs"][1]["kimg_to_target"] == 10.0 and early["runs"][1]["target_at_first_point"] is True
+    assert "10†" in invoke(base, knn, "--target", "15").stdout
+    table = invoke(base, knn, slow)
+    assert table.exit_code == 0 and "not reached" in table.stdout
+    unreachable = invoke(base, knn, "--target", "1", "--json")
+    assert "never reaches FID 1.00" in unreachable.stderr
+    assert all(r["speedup"] is None for r in json.loads(unreachable.stdout)["runs"])
+
+
+def test_baseline_option_picks_the_reference_and_is_added_when_missing(pair: tuple[Path, Path]) -> None:
+    base, knn = pair
+    document = as_json(base, knn, "--baseline", knn, "--target", "10")
+    assert document["baseline"] == "00002-knn"
+    assert {r["run"]: r["speedup"] for r in document["runs"]} == {"00001-vanilla": 0.5, "00002-knn": 1.0}
+    added = as_json(knn, "--baseline", base, "--target", "10")  # a baseline outside RUNS joins the comparison
+    assert [r["run"] for r in added["runs"]] == ["00001-vanilla", "00002-knn"]
+
+
+def test_seed_group_mean_std_and_speedup_from_the_mean_curve(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, knn = pair
+    knn_seed1 = make_run(tmp_path, "00003-knn", [(10, 16.0), (30, 8.0), (50, 7.0), (70, 6.5)],
+                         assigner={"name": "knn", "k": 8}, seed=1, seconds_per_kimg=16.0)
+    document = as_json(base, knn, knn_seed1, "--target", "10")
+    assert len(document["runs"]) == 2
+    group = document["runs"][1]
+    assert group["n_seeds"] == 2 and group["members"] == ["00002-knn", "00003-knn"]
+    assert group["best_fid"] == 5.5 and group["best_fid_std"] == pytest.approx(math.sqrt(2))
+    # mean curve (10, 15), (30, 7): FID 10 at 10 + 5/8 * 20 = 22.5 kimg
+    assert group["kimg_to_target"] == pytest.approx(22.5) and group["speedup"] == pytest.approx(40 / 22.5)
+    table = invoke(base, knn, knn_seed1, "--target", "10")
+    assert table.exit_code == 0 and "±" in table.stdout and "mean ± std over seeds" in table.stdout
+
+
+# --- FID settings --------------------------------------------------------------------------------------------------
+
+
+def test_a_shared_settings_combination_is_used_and_others_ignored(tmp_path: Path) -> None:
+    final_50k = {"kimg": 70, "step": 0, "fid": 1.0, **SETTINGS, "num_images": 50000, "train_s": 700.0}
+    base = make_run(tmp_path, "00001-vanilla", [(10, 20.0), (70, 7.0)], extra_rows=[final_50k])
+    other = make_run(tmp_path, "00002-knn", [(10, 14.0), (70, 5.0)], assigner={"name": "knn", "k": 4})
+    result = invoke(base, other, "--json")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    assert json.loads(result.stdout)["runs"][0]["best_fid"] == 7.0  # the 50k row is another curve
+
+
+def test_settings_mismatch_warns_and_strict_refuses(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, _ = pair
+    other = make_run(tmp_path, "00003-heun", [(10, 14.0), (30, 6.0)], assigner={"name": "knn", "k": 4},
+                     settings={**SETTINGS, "sampler": "heun"})
+    warned = invoke(base, other, "--json")
+    assert warned.exit_code == 0
+    assert "sampler" in warned.stderr and "00001-vanilla: euler" in warned.stderr and "00003-heun" in warned.stderr
+    json.loads(warned.stdout)  # the warning stays off stdout
+    refused = invoke(base, other, "--strict")
+    assert refused.exit_code == 2 and "sampler" in refused.stderr and "error:" in refused.stderr
+
+
+# --- output formats ------------------------------------------------------------------------------------------------
+
+
+def test_json_schema(pair: tuple[Path, Path]) -> None:
+    document = as_json(*pair)
+    assert set(document) >= {"baseline", "target", "runs"} and isinstance(document["target"], float)
+    types = {"run": str, "assigner": str, "best_fid": float, "best_kimg": (int, float), "final_fid": float,
+             "kimg_to_target": (float, type(None)), "speedup": (float, type(None)),
+             "speedup_wallclock": (float, type(None)), "objective": str, "batch_size": int, "n_seeds": int}
+    for row in document["runs"]:
+        for key, kind in types.items():
+            assert isinstance(row[key], kind), (key, row[key])
+    assert [r["assigner"] for r in document["runs"]] == ["vanilla", "knn k=8"]
+
+
+def test_csv_has_a_header_and_one_row_per_run(pair: tuple[Path, Path]) -> None:
+    result = invoke(*pair, "--csv", "--target", "10")
+    assert result.exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["run"] for r in rows] == ["00001-vanilla", "00002-knn"]
+    assert float(rows[1]["speedup"]) == 2.0 and rows[0]["best_fid_std"] == ""
+
+
+def test_table_marks_interpolated_values_and_labels_assigners(tmp_path: Path) -> None:
+    base = make_run(tmp_path, "00001-vanilla", [(10, 20.0), (30, 12.0), (50, 8.0)])
+    other = make_run(tmp_path, "00002-linear", [(10, 14.0), (40, 6.0), (50, 5.0)],
+                     assigner={"name": "linear", "quantize": "fp16", "image_scale": 2.0})
+    result = invoke(base, other)
+    assert result.exit_code == 0
+    assert "linear l2 fp16 x2" in result.stdout and "*" in result.stdout and "interpolated" in result.stdout
+
+
+def test_plot_is_a_png_of_sensible_size(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    target = tmp_path / "curves.png"
+    result = invoke(*pair, "--plot", target)
+    assert result.exit_code == 0 and str(target) in result.stdout
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 600 <= width <= 4000 and 300 <= height <= 3000
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written atomically, nothing left behind
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def test_user_errors_exit_2_with_one_line(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, knn = pair
+    empty = make_run(tmp_path, "00009-empty", [(10, 20.0)])
+    (empty / "fid.jsonl").write_text("")
+    seed1 = make_run(tmp_path, "00010-vanilla", [(10, 20.0), (30, 9.0)], seed=1)
+    cases = {
+        (str(base),): "at least two runs",
+        (str(base), str(tmp_path / "nowhere")): "no such run directory",
+        (str(base), str(tmp_path)): "not a run directory",
+        (str(base), str(empty)): f"immiscible eval {empty} --fid",
+        (str(base), str(knn), "--target", "-1"): "positive",
+        (str(base), str(seed1)): "differ only in their seed",
+        (str(base), str(knn), "--plot", str(tmp_path / "missing" / "a.png")): "--plot",
+    }
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and result.stderr.count("error:") == 1, (args, result.stderr)
+        assert result.stdout == ""
+
+
+def test_library_entry_raises_compare_error(pair: tuple[Path, Path]) -> None:
+    console = Console(file=io.StringIO())
+    with pytest.raises(CompareError, match="positive"):
+        compare.main(list(pair), target=0.0, baseline=None, plot=None, fmt="table", strict=False, out=console,
+                     err=console)

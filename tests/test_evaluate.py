@@ -1,0 +1,118 @@
+"""`immiscible eval`: settings-aware, idempotent and resumable scoring of checkpoints, JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY
+from typer.testing import CliRunner
+
+from immiscible_cli import evaluate, runs, trainer
+from immiscible_cli.cli import app
+from immiscible_cli.config import load_config
+
+runner = CliRunner()
+FID_SET = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",
+           "eval.batch_size=4"]
+
+
+@pytest.fixture
+def run_with_curve(tmp_path, stub_fid):
+    """A tiny run whose trainer already scored both snapshots."""
+    return trainer.train(load_config("quickstart", TINY + FID_SET), out_root=tmp_path / "runs")
+
+
+def eval_cli(*args: str):
+    return runner.invoke(app, ["eval", *args])
+
+
+def test_eval_after_training_adds_nothing(run_with_curve):
+    before = run_with_curve.fid_curve()
+    result = eval_cli(str(run_with_curve.path), "--fid")
+    assert result.exit_code == 0, result.output
+    assert "2 already scored" in result.output and "0 to score" in result.output
+    assert run_with_curve.fid_curve() == before
+
+
+def test_new_settings_score_every_checkpoint_once(run_with_curve):
+    first = eval_cli(str(run_with_curve.path), "--fid", "--steps", "3", "--ckpt", "latest")
+    assert first.exit_code == 0, first.output
+    assert len(run_with_curve.fid_curve()) == 3
+    again = eval_cli(str(run_with_curve.path), "--fid", "--steps", "3")  # all: only the older one is new
+    assert again.exit_code == 0, again.output
+    rows = [r for r in run_with_curve.fid_curve() if r["steps"] == 3]
+    assert sorted(r["kimg"] for r in rows) == [0.016, 0.032]
+    assert eval_cli(str(run_with_curve.path), "--fid", "--steps", "3").exit_code == 0
+    assert len(run_with_curve.fid_curve()) == 4  # idempotent
+
+
+def test_interrupted_eval_resumes_without_duplicates(run_with_curve, monkeypatch):
+    real = evaluate.FIDScorer.score
+    calls = {"n": 0}
+
+    def dies_on_second(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.FIDScorer, "score", dies_on_second)
+    interrupted = eval_cli(str(run_with_curve.path), "--fid", "--num-images", "4")
+    assert interrupted.exit_code != 0
+    assert len([r for r in run_with_curve.fid_curve() if r["num_images"] == 4]) == 1
+    monkeypatch.setattr(evaluate.FIDScorer, "score", real)
+    resumed = eval_cli(str(run_with_curve.path), "--fid", "--num-images", "4")
+    assert resumed.exit_code == 0, resumed.output
+    rows = [r for r in run_with_curve.fid_curve() if r["num_images"] == 4]
+    assert sorted(r["kimg"] for r in rows) == [0.016, 0.032]
+
+
+def test_json_output_schema(run_with_curve):
+    result = eval_cli(str(run_with_curve.path), "--fid", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    (entry,) = document["runs"]
+    assert entry["run"] == str(run_with_curve.path)
+    assert [p["kimg"] for p in entry["curve"]] == [0.016, 0.032]
+    for point in entry["curve"]:
+        for key in ("kimg", "step", "fid", "num_images", "mode", "reference", "sampler", "steps", "guidance",
+                    "weights", "seconds", "train_s"):
+            assert key in point, key
+        assert set(point["weights"]) == {"source", "sha256", "dtype"}
+
+
+def test_no_run_means_the_newest_under_runs(run_with_curve, monkeypatch):
+    monkeypatch.chdir(run_with_curve.path.parent.parent)
+    result = eval_cli("--fid")
+    assert result.exit_code == 0, result.output
+    assert run_with_curve.name in result.output
+
+
+def test_kid_is_stored_beside_fid(run_with_curve):
+    result = eval_cli(str(run_with_curve.path), "--fid", "--kid", "--ckpt", "latest")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in run_with_curve.fid_curve() if "kid" in r]
+    assert len(rows) == 1 and rows[0]["kimg"] == 0.032
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "choose a metric"),
+    (["--fid", "--sampler", "ddim"], "accepted: euler, heun"),
+    (["--fid", "--reference", "cleanfid"], "CIFAR-10"),
+    (["--fid", "--ckpt", "99"], "no snapshot at 99"),
+])
+def test_eval_errors_are_clean(run_with_curve, args, needle):
+    result = eval_cli(str(run_with_curve.path), *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_eval_with_no_runs_anywhere(tmp_path):
+    result = eval_cli("--fid", "--root", str(tmp_path))
+    assert result.exit_code == 2 and "no runs found" in result.output
+
+
+def test_fid_settings_cover_the_comparability_fields(run_with_curve):
+    row = run_with_curve.fid_curve()[0]
+    assert set(runs.FID_SETTINGS) <= set(row)
