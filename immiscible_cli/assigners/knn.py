@@ -1,0 +1,165 @@
+"""KNN noise selection (improved paper, "Improved Immiscible Diffusion"): each image keeps the nearest (in L2) of
+k fresh candidates n_1..n_k ~ N(0, I). Per image, O(B k D), no coupling across the batch; k = 1 is vanilla.
+
+Random stream. Its layout is fixed by (B, D, k) alone, so results never depend on the memory budget or chunking:
+candidate 0 of the whole batch is one randn call shaped like the batch, i.e. exactly the vanilla draw; candidates
+1..k-1 follow in randn calls of g = max(1, DRAW_GROUP_ELEMENTS // (B D)) candidates each ([g, B, C, H, W]). So big
+batches draw one candidate per call, and small ones several per call: on CUDA a call per candidate would otherwise
+be launch-bound at small B D and lose to the published code's single [B, k, D] draw.
+
+Memory. Candidates are held one chunk of whole draw groups at a time, sized by `plan_chunks` so that the chunk,
+the two slots that carry the running best between chunks and (for half inputs) fp32 working copies stay within
+`memory_budget_mib`. The floor is one draw group plus the carry slots (a group is at most max(64 MiB, one
+[B, C, H, W] slab) in fp32): a randn call cannot be split without changing the stream, so a smaller budget is
+exceeded, with a warning.
+
+Distances. |x - n|^2 = |x|^2 + |n|^2 - 2 x . n, accumulated and compared in fp32, from a norm reduction and a
+batched matrix-vector product per draw group (on CUDA, one-candidate groups use cdist's fused kernel): no
+[B, k, D] difference tensor. The published code rounds the difference and the norm to fp16 (at D = 4x64x64 a
+norm of ~181 is kept to a spacing of 0.125, so close candidates tie) and holds all B k D candidates in fp32 and
+fp16 at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from immiscible_cli.assigners.vanilla import draw_noise, record_stats, record_unpaired_stats, scale_images
+from immiscible_cli.config import KNNAssigner
+
+DRAW_GROUP_ELEMENTS = 1 << 24
+"""Elements per randn call for candidates 1..k-1 (at least one whole candidate). Part of the stream's definition:
+changing it changes which noise a seed gives."""
+
+
+def draw_groups(batch: int, dim: int, k: int) -> list[int]:
+    """Candidates per randn call, in stream order: [1 (the vanilla draw), g, g, ..., rest], summing to k."""
+    per_call = max(1, DRAW_GROUP_ELEMENTS // (batch * dim))
+    return [1] + [min(per_call, k - 1 - start) for start in range(0, k - 1, per_call)]
+
+
+def chunk_bytes(groups: list[int], batch: int, dim: int, itemsize: int, carried: bool = True) -> int:
+    """Extra bytes `pair` holds while a chunk made of these draw groups is live (beyond x0 and the output).
+
+    `carried`: the two slots that carry the running best between chunks (not needed when one chunk holds all k).
+    """
+    slab, work = batch * dim, 8 if itemsize == 8 else 4
+    held = (sum(groups) + 2 * carried) * slab * itemsize  # candidate slots
+    held += 2 * sum(groups) * batch * work  # scores and squared norms, [B, c]
+    if itemsize != work:  # half inputs: fp32 copies of x and of the group being scored
+        held += (1 + max(groups)) * slab * work
+    return held
+
+
+def plan_chunks(batch: int, dim: int, k: int, itemsize: int, budget_bytes: float) -> list[list[int]]:
+    """Split the draw groups into chunks (consecutive, whole groups) whose `chunk_bytes` fit the budget.
+
+    A chunk always holds at least one group, so a budget below one group is exceeded (see the module docstring).
+    """
+    groups = draw_groups(batch, dim, k)
+    if chunk_bytes(groups, batch, dim, itemsize, carried=False) <= budget_bytes:
+        return [groups]
+    chunks: list[list[int]] = [[]]
+    for size in groups:
+        if chunks[-1] and chunk_bytes(chunks[-1] + [size], batch, dim, itemsize) > budget_bytes:
+            chunks.append([])
+        chunks[-1].append(size)
+    return chunks
+
+
+def squared_distances(x: Tensor, sq_x: Tensor, candidates: Tensor) -> Tensor:
+    """|x_i - n_ji|^2 [B, g] for images x [B, 1, D] (|x_i|^2 in sq_x [B]) and candidates [g, B, D], in x's dtype.
+
+    |x|^2 + |n|^2 - 2 x . n with a norm reduction and a batched matrix-vector product (fp32 accumulation, no
+    [g, B, D] difference tensor). On CUDA a single candidate is scored by cdist's direct kernel instead, which
+    reads x and n once in one launch rather than n twice and x once in two.
+    """
+    group, batch = candidates.shape[:2]
+    if candidates.is_cuda and group == 1:
+        flat = candidates.transpose(0, 1)  # [B, 1, D], still contiguous
+        return torch.cdist(x, flat, compute_mode="donot_use_mm_for_euclid_dist").square_().view(batch, 1)
+    sq_n = torch.linalg.vector_norm(candidates, dim=2).square_()  # [g, B]
+    base = (sq_n.T + sq_x[:, None]).unsqueeze(1)  # [B, 1, g]
+    return torch.baddbmm(base, x, candidates.permute(1, 2, 0), alpha=-2).view(batch, group)  # [B, g]
+
+
+def select_nearest(x0: Tensor, k: int, generator: torch.Generator,
+                   budget_bytes: float) -> tuple[Tensor, Tensor, Tensor]:
+    """For each image of x0 [B, C, H, W], the nearest of its k candidates.
+
+    Returns (noise [B, C, H, W], |x - n|^2 of the chosen [B], |x - n|^2 of candidate 0 [B]), the last two in fp32
+    (fp64 for fp64 inputs).
+    """
+    batch, dim, itemsize = x0.shape[0], x0[0].numel(), x0.element_size()
+    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    chunks = plan_chunks(batch, dim, k, itemsize, budget_bytes)
+    carried = len(chunks) > 1
+    peak = max(chunk_bytes(chunk, batch, dim, itemsize, carried) for chunk in chunks)
+    if peak > budget_bytes:
+        warnings.warn(f"knn: memory_budget_mib={budget_bytes / 2**20:g} is below this batch's minimum (one random "
+                      f"draw plus the running best): holding {peak / 2**20:.2f} MiB")
+    x = x0.reshape(batch, 1, dim).to(work)  # [B, 1, D]
+    sq_x = torch.linalg.vector_norm(x, dim=2).square_().view(batch)  # [B]
+    rows = torch.arange(batch, device=x0.device)
+    capacity = max(sum(chunk) for chunk in chunks)
+    # Slots: [carry | capacity candidates | carry] when the search spans several chunks. The running best lives
+    # in one carry slot and each chunk's merge gathers straight into the other: one pass, no temporary.
+    offset = 1 if carried else 0
+    buffer = torch.empty((capacity + 2 * offset, *x0.shape), dtype=x0.dtype, device=x0.device)  # [slots, B, ...]
+    rows_of = buffer.view(-1, dim)  # [slots * B, D]: row s * B + i is image i's candidate in slot s
+    carry, best, first = None, None, None
+    for index, chunk in enumerate(chunks):
+        score = torch.empty((batch, sum(chunk)), dtype=work, device=x0.device)  # [B, c]
+        start = 0
+        for group in chunk:
+            # One randn call per draw group, in stream order, scored group by group: a group's scores are then
+            # bit-identical however the groups are chunked, so the budget never changes the result.
+            slab = buffer[offset + start:offset + start + group]  # [g, B, C, H, W]
+            torch.randn(slab.shape, generator=generator, dtype=x0.dtype, device=x0.device, out=slab)
+            score[:, start:start + group] = squared_distances(x, sq_x, slab.view(group, batch, dim).to(work))
+            start += group
+        chunk_best, pick = score.min(dim=1)  # [B]; ties go to the first index, as over all k at once
+        slot = pick + offset  # [B]
+        if best is None:
+            best, first = chunk_best, score[:, 0]
+        else:
+            better = chunk_best < best  # strict: on a tie the carried (earlier) candidate stays
+            slot = torch.where(better, slot, carry)
+            best = torch.minimum(best, chunk_best)
+        if index == len(chunks) - 1:
+            noise = rows_of.index_select(0, slot * batch + rows)  # [B, D], a fresh tensor
+        else:
+            carry = capacity + 1 if carry == 0 else 0
+            source = 1 if carry == 0 else 0  # the slots read exclude the one written: no overlap
+            torch.index_select(buffer[source:source + capacity + 1].view(-1, dim), 0,
+                               (slot - source) * batch + rows, out=buffer[carry].view(batch, dim))
+    return noise.view(x0.shape), best, first
+
+
+def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
+         stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """KNN rule: (x0 * c, for each image the nearest of k fresh N(0, I) candidates).
+
+    Args:
+        x0: clean batch [B, C, H, W] in model space.
+        cfg: the assigner config (`k`, `memory_budget_mib`, `image_scale`).
+        generator: source of every candidate, on x0's device.
+        stats: when a dict, receives `pair_dist`, `random_dist` (candidate 0, i.e. vanilla) and `noise_sqnorm`.
+    Returns:
+        (x0_paired, noise) shaped, typed and placed like x0; with k = 1 exactly the vanilla draw.
+    """
+    x0_paired = scale_images(x0, cfg.image_scale)
+    if cfg.k == 1:  # one candidate: nothing to choose, and no candidate buffer
+        noise = draw_noise(x0_paired, generator)
+        if stats is not None:
+            record_unpaired_stats(stats, x0_paired, noise)
+        return x0_paired, noise
+    with torch.no_grad():
+        noise, best, first = select_nearest(x0_paired, cfg.k, generator, cfg.memory_budget_mib * 2**20)
+        if stats is not None:
+            sqnorm = torch.linalg.vector_norm(noise.flatten(1).float(), dim=1).square() / x0[0].numel()  # [B]
+            record_stats(stats, best.clamp_min(0).sqrt(), first.clamp_min(0).sqrt(), sqnorm)
+    return x0_paired, noise
