@@ -131,29 +131,34 @@ class TrainingLoop:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run_loop(self, reporter: Reporter) -> None:
+        """Train to total_kimg. Ticks, snapshots and FID points fall on multiples of their intervals (in images);
+        the end of training is always a tick and a snapshot. Every stop is a tick, so train_s excludes exactly the
+        time spent in snapshots and FID."""
         t = self.cfg.train
         total = round(t.total_kimg * 1000)
-        every = {name: round(kimg * 1000) for name, kimg in
-                 (("tick", t.tick_kimg), ("snapshot", t.snapshot_kimg), ("fid", self.cfg.eval.every_kimg))}
-        due = {name: (self.nimg // n + 1) * n if n else None for name, n in every.items()}
+        interval = {"tick": round(t.tick_kimg * 1000), "snapshot": round(t.snapshot_kimg * 1000),
+                    "fid": round(self.cfg.eval.every_kimg * 1000) if self.scorer is not None else 0}
+
+        def crossed(name: str, before: int) -> bool:
+            n = interval[name]
+            return n > 0 and self.nimg // n > before // n
+
         tick_start, tick_nimg = time.perf_counter(), self.nimg
         while self.nimg < total:
+            before = self.nimg
             self.train_step()
             done = self.nimg >= total
-            events = {name for name, at in due.items() if at is not None and (self.nimg >= at or done)}
-            if not events:
+            snapshot, fid = crossed("snapshot", before) or done, crossed("fid", before)
+            if not (crossed("tick", before) or snapshot or fid or done):
                 continue
-            for name in events:
-                due[name] = (self.nimg // every[name] + 1) * every[name] if every[name] else None
             self.sync()
             elapsed = time.perf_counter() - tick_start
             self.train_s += elapsed
             self.check_finite()
             self.log_tick(reporter, (self.nimg - tick_nimg) / max(elapsed, 1e-9), self.step - self.tick_step)
-            if "snapshot" in events or done:
-                path = self.snapshot()
-                reporter.note(f"snapshot {path.name}")
-            if self.scorer is not None and ("fid" in events or done):
+            if snapshot:
+                reporter.note(f"snapshot {self.snapshot().name}")
+            if fid:
                 row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
                                         progress=reporter.sub_progress)
                 self.run.append_fid(row)
@@ -206,7 +211,7 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
         raise UserError(f"model.num_classes: the data has labels up to {int(data.labels.max())}; set "
                         f"model.num_classes >= {int(data.labels.max()) + 1}")
     scorer = None
-    if cfg.eval.every_kimg > 0:
+    if 0 < cfg.eval.every_kimg <= cfg.train.total_kimg:  # a run too short for any FID point needs no weights
         from .evaluate import FIDScorer
 
         scorer = FIDScorer(cfg, device, inception=inception, console=console)  # weights and reference: fail fast

@@ -163,3 +163,19 @@ def test_metrics_rows_are_json_and_progress_lines_are_fixed_field(tmp_path, tiny
     assert len(lines) == 2 and len({len(ln.split()) for ln in lines}) == 1
     rows = [json.loads(ln) for ln in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["pair_dist_reduction"] > 0  # KNN brings the chosen noise nearer than a random draw
+
+
+def test_fid_points_fall_on_multiples_only_and_short_runs_skip_fid(tmp_path, tiny, stub_fid, monkeypatch):
+    fid = ["eval.num_images=4", "eval.steps=2", "eval.reference_images=8", "eval.batch_size=4"]
+    run = trainer.train(load_config("quickstart", tiny + fid + ["eval.every_kimg=0.024"]), out_root=tmp_path / "a")
+    assert [r["kimg"] for r in run.fid_curve()] == [0.024]  # not forced at the end (0.032)
+    assert [m["kimg"] for m in run.metrics()] == [0.016, 0.024, 0.032]  # every stop is a tick
+
+    from immiscible_cli import evaluate
+
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("a run with no FID point must not load FID weights or reference statistics")
+
+    monkeypatch.setattr(evaluate, "FIDScorer", no_scorer)
+    short = trainer.train(load_config("quickstart", tiny + fid + ["eval.every_kimg=1"]), out_root=tmp_path / "b")
+    assert short.fid_curve() == [] and len(short.checkpoints()) == 2
