@@ -200,6 +200,8 @@ def eval_(
     sampler: Annotated[Optional[str], typer.Option(help="Sampler (default: eval.sampler).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="computed | cleanfid (default: eval.reference).")]
     = None,
+    reference_images: Annotated[Optional[int], typer.Option(min=2, help="Real images behind computed reference "
+                                                            "statistics (default: eval.reference_images).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="clean | legacy_tensorflow (default: eval.mode).")] = None,
     batch: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
     root: Annotated[Path, typer.Option(help="Where to look for the newest run when none is given.")]
@@ -219,7 +221,8 @@ def eval_(
     targets = [runs.open_run(p) for p in runs_] if runs_ else [runs.latest_run(root)]
     result = evaluate.evaluate_runs(targets, ckpts=ckpt or ["all"], num_images=num_images, steps=steps,
                                     sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
-                                    inception=inception, device=device, console=err)
+                                    inception=inception, device=device, console=err,
+                                    reference_images=reference_images)
     if as_json:
         print(evaluate.curves_json(result))
     else:

@@ -14,10 +14,10 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from .console import show_table
 from .runs import write_atomic
 
 
@@ -57,13 +57,7 @@ def print_table(document: dict[str, Any], out: Console) -> None:
                  else _kimg_text(row["kimg_to_target"]) + ("†" if row["target_at_first_point"] else ""),
                  _speedup_text(row, "speedup"), _speedup_text(row, "speedup_wallclock")]
         table.add_row(*(Text(cell) for cell in cells))  # Text: run names are never read as rich markup
-    if out.is_terminal:
-        out.print(table)  # fitted to the window
-    else:  # a pipe or a file has no width: render at the table's natural width, so no cell wraps or is cut
-        natural = Measurement.get(out, out.options.update_width(10_000), table).maximum
-        wide = Console(file=io.StringIO(), width=natural, color_system=None, highlight=False)
-        wide.print(table)
-        out.file.write(wide.file.getvalue())
+    show_table(out, table)
     source = "the baseline's best FID" if document["target_source"] != "--target" else "--target"
     notes = [f"target FID {target:.2f} ({source}); baseline {document['baseline']}; speed-up = baseline kimg to the "
              f"target / this run's kimg, interpolated between FID points, never extrapolated; time = training "

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import checkpoint, runs
 from .config import SAMPLERS, Config, ConfigError
+from .console import show_table
 from .data import load_images
 from .metrics import (FIDExtractor, ReferenceKey, cleanfid_reference, compute_kid, feature_stats,
                       frechet_distance, reference_stats)
@@ -35,13 +36,15 @@ class FIDScorer:
     def __init__(self, cfg: Config, device: torch.device, *, inception: Path | str | None = None,
                  console: Console | None = None, num_images: int | None = None, sampler: str | None = None,
                  steps: int | None = None, reference: str | None = None, mode: str | None = None,
-                 batch: int | None = None, kid: bool = False, extractor: FIDExtractor | None = None):
+                 batch: int | None = None, kid: bool = False, extractor: FIDExtractor | None = None,
+                 reference_images: int | None = None):
         e = cfg.eval
         self.cfg, self.device, self.kid = cfg, device, kid
         self.num_images = num_images or e.num_images
         self.sampler, self.steps = sampler or e.sampler, steps or e.steps
         self.reference, self.mode = reference or e.reference, mode or e.mode
         self.batch = batch or e.batch_size
+        self.reference_images = reference_images or e.reference_images
         if self.sampler not in SAMPLERS[cfg.objective.kind]:
             raise ConfigError(f"sampler '{self.sampler}': this run trains a {cfg.objective.kind} objective "
                               f"(accepted: {', '.join(SAMPLERS[cfg.objective.kind])})")
@@ -76,7 +79,7 @@ class FIDScorer:
             return cache["set"]
 
         total = len(real_set())
-        count = min(e.reference_images or total, total)
+        count = min(self.reference_images or total, total)
         name = real_set().name
         key = ReferenceKey.for_extractor(name, split, data.resolution, count, self.extractor)
 
@@ -166,7 +169,8 @@ def select_checkpoints(run: runs.Run, specs: list[str]) -> list[runs.Checkpoint]
 
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
-                  inception: Path | None, device: str, console: Console) -> list[dict[str, Any]]:
+                  inception: Path | None, device: str, console: Console,
+                  reference_images: int | None = None) -> list[dict[str, Any]]:
     """Score every selected checkpoint that has no row with the same settings yet; the curves per run."""
     torch_device = pick_device(device)
     extractors: dict[str, FIDExtractor] = {}
@@ -179,7 +183,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
                                                    batch_size=batch or cfg.eval.batch_size)
         scorer = FIDScorer(cfg, torch_device, console=console, num_images=num_images, sampler=sampler,
                            steps=steps, reference=reference, mode=chosen_mode, batch=batch, kid=kid,
-                           extractor=extractors[chosen_mode])
+                           extractor=extractors[chosen_mode], reference_images=reference_images)
         wanted = json.dumps(scorer.settings(), sort_keys=True)
 
         def matches(row: dict[str, Any]) -> bool:
@@ -209,14 +213,18 @@ def curves_json(results: list[dict[str, Any]]) -> str:
 
 def print_curves(results: list[dict[str, Any]], console: Console) -> None:
     for result in results:
+        has_kid = any("kid" in row for row in result["curve"])
         table = Table(title=result["run"], title_justify="left", header_style="bold")
-        for column in ("kimg", "FID", "KID", "images", "mode", "reference", "sampler", "steps", "weights"):
+        columns = ["kimg", "FID", *(["KID"] if has_kid else []), "images", "mode", "reference", "sampler", "steps",
+                   "weights"]
+        for column in columns:
             table.add_column(column, justify="right" if column in ("kimg", "FID", "KID", "images", "steps")
                              else "left")
         for row in result["curve"]:
-            ref = row["reference"]
-            table.add_row(f"{row['kimg']:g}", f"{row['fid']:.3f}", f"{row['kid']:.5f}" if "kid" in row else "",
+            ref, weights = row["reference"], row["weights"]
+            table.add_row(f"{row['kimg']:g}", f"{row['fid']:.3f}",
+                          *([f"{row['kid']:.5f}" if "kid" in row else ""] if has_kid else []),
                           str(row["num_images"]), row["mode"], f"{ref['name']}/{ref['split']} n={ref['num_images']}",
                           row["sampler"], str(row["steps"]),
-                          f"{row['weights']['source']} {row['weights']['sha256'][:8]} {row['weights']['dtype']}")
-        console.print(table)
+                          f"{weights['source']} {weights['sha256'][:8]} {weights['dtype']}")
+        show_table(console, table)

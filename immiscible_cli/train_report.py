@@ -68,6 +68,11 @@ class Reporter:
         else:
             sys.stdout.flush()
 
+    def advance(self, nimg: int) -> None:
+        """Move the bar every step (host-side counter only: no device sync); no-op off a terminal."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=nimg / 1000)
+
     def sub_progress(self, done: int, total: int, what: str = "FID") -> None:
         """Progress of a sub-task (FID sampling and scoring): a second bar on a terminal, nothing elsewhere."""
         if self.progress is None:

@@ -147,6 +147,7 @@ class TrainingLoop:
         while self.nimg < total:
             before = self.nimg
             self.train_step()
+            reporter.advance(self.nimg)
             done = self.nimg >= total
             snapshot, fid = crossed("snapshot", before) or done, crossed("fid", before)
             if not (crossed("tick", before) or snapshot or fid or done):
