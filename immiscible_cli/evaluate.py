@@ -50,6 +50,9 @@ class FIDScorer:
                               f"(accepted: {', '.join(SAMPLERS[cfg.objective.kind])})")
         if self.reference not in ("computed", "cleanfid"):
             raise ConfigError(f"reference '{self.reference}': expected computed or cleanfid")
+        if kid and self.reference == "cleanfid":
+            raise ConfigError("--kid: needs the reference images, which clean-fid's published statistics do not "
+                              "include; use --reference computed")
         self.extractor = extractor or FIDExtractor(self.mode, device, weights=inception, batch_size=self.batch)
         self._real_batches: Callable | None = None  # the reference images, kept for KID
         self._real_features = None
@@ -70,30 +73,22 @@ class FIDScorer:
         split = e.reference_split
         if data.source in ("embedded", "imagefolder") and split != "train":
             raise ConfigError(f"eval.reference_split: the {data.source} source has one split; use train")
-        real_cfg = data.model_copy(update={"max_images": None})
-        cache: dict[str, Any] = {}
-
-        def real_set():
-            if "set" not in cache:
-                cache["set"] = load_images(real_cfg, split)
-            return cache["set"]
-
-        total = len(real_set())
+        real = load_images(data.model_copy(update={"max_images": None}), split)  # the whole split, not a subset
+        total = len(real)
         count = min(self.reference_images or total, total)
-        name = real_set().name
-        key = ReferenceKey.for_extractor(name, split, data.resolution, count, self.extractor)
+        key = ReferenceKey.for_extractor(real.name, split, data.resolution, count, self.extractor)
 
         def images():
-            real = real_set().images
+            chosen = real.images
             if count < total:
                 pick = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SEED))[:count]
-                real = real[pick.sort().values]
-            return real.split(self.batch)
+                chosen = chosen[pick.sort().values]
+            return chosen.split(self.batch)
 
         self._real_batches = images
         with _progress(console, "reference statistics", count) as advance:
             mu, sigma = reference_stats(key, images, self.extractor, progress=advance)
-        return mu, sigma, {"name": name, "split": split, "num_images": count, "mode": self.mode,
+        return mu, sigma, {"name": real.name, "split": split, "num_images": count, "mode": self.mode,
                            "resolution": data.resolution, "file": key.filename()}
 
     def settings(self, ema: bool = True) -> dict[str, Any]:
@@ -127,9 +122,6 @@ class FIDScorer:
 
     def _kid(self, features) -> float:
         """KID needs the reference features themselves, not just (mu, sigma): computed once per scorer."""
-        if self._real_batches is None:
-            raise ConfigError("--kid: needs the reference images, which eval.reference=cleanfid does not provide; "
-                              "use --reference computed")
         if self._real_features is None:
             self._real_features = self.extractor.features(self._real_batches())
         return compute_kid(features, self._real_features)

@@ -34,7 +34,7 @@ class TrainingDiverged(UserError):
 
 
 class TrainingLoop:
-    """State and one step of training; `run()` drives it to cfg.train.total_kimg."""
+    """State and one step of training; `run_loop()` drives it to cfg.train.total_kimg."""
 
     def __init__(self, cfg: Config, run: runs.Run, data: ImageSet, device: torch.device, scorer=None):
         self.cfg, self.run, self.device, self.scorer = cfg, run, device, scorer

@@ -49,11 +49,13 @@ def test_fashion_mnist_torchvision_raw_layout_only_split_in_use(tmp_path):
     assert torch.equal(out.images[:, 0], out.images[:, 2])  # grey repeated to RGB
 
 
+def offline(*args, **kwargs):
+    """Stands in for a torchvision dataset class whose download fails (no network)."""
+    raise OSError("network unreachable")
+
+
 def test_fashion_mnist_missing_offline_gives_both_ways(tmp_path, monkeypatch):
     import torchvision.datasets
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(D.DataError, match="apt-get install dataset-fashion-mnist.*data.root"):
@@ -90,9 +92,6 @@ def test_cifar10_pickled_batches(tmp_path):
 
 def test_cifar10_missing_offline_gives_both_ways(tmp_path, monkeypatch):
     import torchvision.datasets
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(D.DataError, match="cifar-10-batches-py/ or cifar-10-python.tar.gz"):

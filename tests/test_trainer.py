@@ -157,12 +157,23 @@ def test_class_conditional_training_and_guided_sampling(tmp_path, tiny):
     assert result.exit_code == 2 and "expected 0..9" in result.output
 
 
-def test_metrics_rows_are_json_and_progress_lines_are_fixed_field(tmp_path, tiny):
-    run = trainer.train(load_config("quickstart-knn", tiny), out_root=tmp_path)
+@pytest.mark.parametrize("assigner", [["assigner.name=knn", "assigner.k=4"],
+                                      ["assigner.name=linear", "assigner.quantize=fp16", "assigner.image_scale=2"],
+                                      ["assigner.name=vanilla", "assigner.image_scale=4"]])
+def test_every_rule_trains_through_the_cli_with_its_diagnostics(tmp_path, tiny, assigner):
+    sets = sum((["--set", s] for s in tiny + assigner), [])
+    result = train_cli("--out", str(tmp_path), *sets)
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path)
     lines = [ln for ln in run.log_path().read_text().splitlines() if ln.startswith("kimg")]
-    assert len(lines) == 2 and len({len(ln.split()) for ln in lines}) == 1
+    assert len(lines) == 2 and len({len(ln.split()) for ln in lines}) == 1  # fixed-field status lines
     rows = [json.loads(ln) for ln in (run.path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["pair_dist_reduction"] > 0  # KNN brings the chosen noise nearer than a random draw
+    for row in rows:
+        assert row["assign_ms"] > 0 and row["pair_dist"] > 0
+    if "assigner.name=vanilla" in assigner:
+        assert all(row["pair_dist_reduction"] == 0 for row in rows)
+    else:  # both rules bring the chosen noise nearer than a random pairing of the same batch
+        assert all(row["pair_dist_reduction"] > 0 for row in rows)
 
 
 def test_fid_points_fall_on_multiples_only_and_short_runs_skip_fid(tmp_path, tiny, stub_fid, monkeypatch):
