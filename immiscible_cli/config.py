@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -20,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 DEFAULT_PRESET = "quickstart"
+CACHE_ENV = "IMMISCIBLE_CACHE"
+
+
+def cache_root() -> Path:
+    """The user cache: $IMMISCIBLE_CACHE, else ~/.cache/immiscible. Downloads and FID statistics live here, never in
+    site-packages (unlike clean-fid)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "immiscible").expanduser()
 
 
 class _Section(BaseModel):
@@ -448,6 +456,13 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
         return f"--set {' '.join(overrides)}"
 
     return validate(raw, blame)
+
+
+def check_sampler(kind: str, sampler: str, option: str = "--sampler") -> None:
+    """ConfigError unless `sampler` belongs to the objective `kind` (SAMPLERS)."""
+    if sampler not in SAMPLERS[kind]:
+        raise ConfigError(f"{option} {sampler}: this run trains a {kind} objective "
+                          f"(accepted: {', '.join(SAMPLERS[kind])})")
 
 
 def load_run_config(path: Path) -> Config:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import lzma
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from .config import DataConfig, cache_root
 from .errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -88,7 +87,7 @@ def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.nda
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
             return read_idx(images), read_idx(labels)
-    download_root = Path(root) if root else cache_dir() / "datasets"
+    download_root = Path(root) if root else cache_root() / "datasets"
     try:  # online users: torchvision fetches all four files into ROOT/FashionMNIST/raw
         from torchvision.datasets import FashionMNIST
 
@@ -115,7 +114,7 @@ CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test
 
 def load_cifar10(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     """[N, 32, 32, 3] uint8 images and [N] labels, from the python pickles."""
-    root_path = Path(root) if root else cache_dir() / "datasets"
+    root_path = Path(root) if root else cache_root() / "datasets"
     folder = root_path / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR_FILES[split]):
         try:  # a local cifar-10-python.tar.gz is md5-checked and extracted without going online; else download
@@ -174,11 +173,6 @@ def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[
 
 # ------------------------------------------------------------------------------------------------------------------
 # one entry point
-
-
-def cache_dir() -> Path:
-    """User cache (IMMISCIBLE_CACHE, default ~/.cache/immiscible): downloads and FID statistics, never site-packages."""
-    return Path(os.environ.get("IMMISCIBLE_CACHE", Path.home() / ".cache" / "immiscible"))
 
 
 def load_images(cfg: DataConfig, split: str | None = None) -> ImageSet:
@@ -299,13 +293,3 @@ def fits_on_gpu(data: ImageSet, device: torch.device) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return data.images.numel() < free // 4
-
-
-def validate_source(cfg: DataConfig) -> None:
-    """Cheap checks before a run directory is created (a missing root should not leave an empty run behind)."""
-    if cfg.source == "imagefolder" and (cfg.root is None or not Path(cfg.root).is_dir()):
-        raise DataError(f"data.root: imagefolder needs an existing folder of images, got {cfg.root!r}")
-    if cfg.source in ("cifar10", "fashion-mnist") and cfg.root is not None and not Path(cfg.root).exists():
-        raise DataError(f"data.root: {cfg.root} does not exist; create it (the dataset is downloaded there when "
-                        f"online) or point data.root at your copy")
-

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import checkpoint, runs
-from .config import SAMPLERS, Config, ConfigError
+from .config import Config, ConfigError, check_sampler
 from .console import show_table
 from .data import load_images
 from .metrics import (FIDExtractor, ReferenceKey, cleanfid_reference, compute_kid, feature_stats,
@@ -45,9 +45,7 @@ class FIDScorer:
         self.reference, self.mode = reference or e.reference, mode or e.mode
         self.batch = batch or e.batch_size
         self.reference_images = reference_images or e.reference_images
-        if self.sampler not in SAMPLERS[cfg.objective.kind]:
-            raise ConfigError(f"sampler '{self.sampler}': this run trains a {cfg.objective.kind} objective "
-                              f"(accepted: {', '.join(SAMPLERS[cfg.objective.kind])})")
+        check_sampler(cfg.objective.kind, self.sampler)
         if self.reference not in ("computed", "cleanfid"):
             raise ConfigError(f"reference '{self.reference}': expected computed or cleanfid")
         if kid and self.reference == "cleanfid":
@@ -155,7 +153,7 @@ class _progress:
 def select_checkpoints(run: runs.Run, specs: list[str]) -> list[runs.Checkpoint]:
     if "all" in specs:
         return run.checkpoints()
-    chosen = {checkpoint.select(run, spec).path: checkpoint.select(run, spec) for spec in specs}
+    chosen = {c.path: c for c in (checkpoint.select(run, spec) for spec in specs)}  # a checkpoint named twice once
     return sorted(chosen.values(), key=lambda c: c.kimg)
 
 
@@ -182,12 +180,12 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
             return json.dumps(runs.fid_settings(row), sort_keys=True) == wanted and (not kid or "kid" in row)
 
         selected = select_checkpoints(run, ckpts)
-        todo = [c for c in selected if not any(matches(r) and abs(r["kimg"] - c.kimg) < 5e-4
-                                                for r in run.fid_curve())]
+        scored = [r["kimg"] for r in run.fid_curve() if matches(r)]
+        todo = [c for c in selected if not any(abs(kimg - c.kimg) < 5e-4 for kimg in scored)]
         console.print(f"{run.path}: {len(selected)} checkpoint(s) selected, {len(selected) - len(todo)} already "
                       f"scored with these settings, {len(todo)} to score", markup=False)
         for ckpt in todo:
-            net, _, _, state = load_network(run, str(ckpt.kimg), True, torch_device)
+            net, _, _, state = load_network(run, ckpt, True, torch_device)
             with _progress(console, f"{run.name} @ {ckpt.kimg:g} kimg", 2 * scorer.num_images) as advance:
                 row = scorer.score(net, kimg=ckpt.kimg, step=int(state["step"]), train_s=float(state["train_s"]),
                                    progress=lambda done, total, what: advance(

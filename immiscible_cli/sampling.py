@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import assigners, checkpoint
-from .config import Config
+from .config import Config, check_sampler
 from .data import to_uint8
 from .errors import UserError
 from .models.unet import UNet
@@ -122,11 +122,11 @@ def parse_seeds(seeds: str | None, num: int | None) -> list[int]:
     return result
 
 
-def load_network(run: Run, ckpt: str = "latest", ema: bool = True,
+def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bool = True,
                  device: torch.device = torch.device("cpu")) -> tuple[UNet, Config, checkpoint.Checkpoint, dict]:
-    """A run's network from one snapshot, in eval mode on device."""
+    """A run's network from one snapshot (`latest`, a kimg, or a Checkpoint already chosen), in eval mode."""
     cfg = run.config()
-    chosen = checkpoint.select(run, ckpt)
+    chosen = ckpt if isinstance(ckpt, checkpoint.Checkpoint) else checkpoint.select(run, ckpt)
     state = checkpoint.load(chosen.path, map_location="cpu")
     net = build_network(cfg)
     net.load_state_dict(state["ema" if ema else "net"])
@@ -137,15 +137,10 @@ def sample_run(run: Run, *, ckpt: str, seeds: list[int], steps: int | None, samp
                guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
                grid: Path | None, ema: bool, device: str) -> list[Path]:
     """`immiscible sample`: images from a run's snapshot as PNG files and/or one grid; returns what it wrote."""
-    from .config import SAMPLERS
-
     torch_device = pick_device(device)
     net, cfg, chosen, _ = load_network(run, ckpt, ema, torch_device)
     sampler = sampler or cfg.sample.sampler
-    allowed = SAMPLERS[cfg.objective.kind]
-    if sampler not in allowed:
-        raise UserError(f"--sampler {sampler}: this run trains a {cfg.objective.kind} objective "
-                        f"(accepted: {', '.join(allowed)})")
+    check_sampler(cfg.objective.kind, sampler)
     if label is not None and (cfg.model.num_classes is None or not 0 <= label < cfg.model.num_classes):
         raise UserError(f"--class {label}: " + ("this run is unconditional" if cfg.model.num_classes is None
                         else f"expected 0..{cfg.model.num_classes - 1}"))

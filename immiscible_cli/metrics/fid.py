@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+from ..config import cache_root
 from .inception import MetricsError, WeightsInfo, load_inception
 
 MODES = ("clean", "legacy_tensorflow")
 SIZE = 299
-CACHE_ENV = "IMMISCIBLE_CACHE"
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 CPU_NETWORK_BATCH = 8  # 2-core CPU: 17 images/s at 4-8 per call, 13 at 32
 
@@ -211,11 +211,6 @@ def compute_kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int =
 
 # ----------------------------------------------------------------------------------------------------------------
 # reference statistics
-
-
-def cache_root() -> Path:
-    """Our cache: $IMMISCIBLE_CACHE, else ~/.cache/immiscible (never site-packages, unlike clean-fid)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "immiscible").expanduser()
 
 
 @dataclass(frozen=True)
