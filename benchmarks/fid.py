@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from immiscible_cli.metrics import FIDExtractor, FIDWeightsError, load_inception
-from immiscible_cli.metrics.fid import CPU_NETWORK_BATCH
+from immiscible_cli.metrics.features import CPU_NETWORK_BATCH
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cleanfid import fid as cleanfid_fid
 from immiscible_cli.metrics import FIDExtractor, fid_from_features, inception
-from immiscible_cli.metrics.fid import resize_legacy_tensorflow
+from immiscible_cli.metrics.features import resize_legacy_tensorflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -81,8 +81,10 @@ def test_fid_equals_cleanfid_with_real_weights(folders, mode):
     assert (extractor.weights.source, extractor.weights.dtype) == ("explicit", "float32")
     ours = [extractor.features([images]) for _, images in folders]
     for mine, reference in zip(ours, theirs):
-        np.testing.assert_array_equal(mine, reference.astype(np.float64))  # same trunk, same batches: bit-exact
-    assert fid_from_features(*ours) == pytest.approx(expected, rel=1e-6)
+        # same trunk, same batches; on the CPU ours runs in channels_last (1.6x faster), which reorders the
+        # convolutions' sums: features (0..~7) agree to 2e-5, the FID to 1e-5 relative.
+        np.testing.assert_allclose(mine, reference.astype(np.float64), rtol=0, atol=2e-5)
+    assert fid_from_features(*ours) == pytest.approx(expected, rel=1e-5)
     assert expected > 1.0
 
 
@@ -94,4 +96,4 @@ def test_against_cleanfid_own_network(folders, mode):
                                         batch_size=PER_SET, device=CPU, verbose=False, use_dataparallel=False)
     extractor = FIDExtractor(mode, weights=str(inception.CLEANFID_FILE), batch_size=PER_SET)
     ours = fid_from_features(*(extractor.features([images]) for _, images in folders))
-    assert ours == pytest.approx(expected, rel=1e-6)
+    assert ours == pytest.approx(expected, rel=1e-5)  # channels_last on the CPU: see the test above

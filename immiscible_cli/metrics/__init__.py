@@ -1,22 +1,15 @@
-"""Metrics: FID (and KID) with clean-fid's pipeline, our own Inception trunk, and cached reference statistics."""
+"""Metrics: FID (and KID) with clean-fid's pipeline, our own Inception trunk, streaming statistics and cached
+reference statistics. Layers, bottom up: inception (network, weights) -> features (resize, extractor) -> stats
+(streaming mean/covariance, distances) -> reference (cache) -> scorer (an FID point of a network, its fid.jsonl row).
+"""
 
-from .fid import (
-    MODES,
-    FIDExtractor,
-    FIDReferenceError,
-    ReferenceKey,
-    cache_root,
-    cleanfid_reference,
-    compute_kid,
-    feature_stats,
-    fid_from_features,
-    frechet_distance,
-    reference_stats,
-)
+from .features import MODES, FIDExtractor
 from .inception import FIDWeightsError, MetricsError, WeightsInfo, load_inception, resolve_weights
+from .reference import FIDReferenceError, ReferenceKey, cleanfid_reference, reference_stats
+from .stats import FeatureStats, compute_kid, feature_stats, fid_from_features, frechet_distance
 
 __all__ = [
-    "MODES", "FIDExtractor", "FIDReferenceError", "FIDWeightsError", "MetricsError", "ReferenceKey", "WeightsInfo",
-    "cache_root", "cleanfid_reference", "compute_kid", "feature_stats", "fid_from_features", "frechet_distance",
+    "MODES", "FIDExtractor", "FIDReferenceError", "FIDWeightsError", "FeatureStats", "MetricsError", "ReferenceKey",
+    "WeightsInfo", "cleanfid_reference", "compute_kid", "feature_stats", "fid_from_features", "frechet_distance",
     "load_inception", "reference_stats", "resolve_weights",
 ]
