@@ -1,4 +1,5 @@
-"""Checkpoint contents: what a snapshot holds, how it is written (atomically) and read (weights_only, with fallback).
+"""Checkpoints: the snapshot files of a run directory, what they hold, how they are written (atomically), listed,
+selected, pruned, read (weights_only, with fallback to an older one) and resumed from.
 
 A snapshot is one `torch.save`d dict of tensors and plain values, so `torch.load(weights_only=True)` reads it:
     format, kimg, nimg, step, train_s, config (the resolved config as a dict), config_digest,
@@ -9,16 +10,41 @@ A snapshot is one `torch.save`d dict of tensors and plain values, so `torch.load
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import UserError
-from .runs import Checkpoint, Run, write_atomic
+from .files import write_atomic
+from .runs import Run, kimg_tag
 
 FORMAT = "immiscible-snapshot-v1"
+_SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    kimg: float
+    path: Path
+
+
+def path_for(run: Run, kimg: float) -> Path:
+    """Where the snapshot at `kimg` lives: checkpoints/snapshot-000012.800kimg.pt."""
+    return run.checkpoints_dir() / f"snapshot-{kimg_tag(kimg)}.pt"
+
+
+def list_checkpoints(run: Run) -> list[Checkpoint]:
+    """The run's snapshots, oldest first."""
+    folder = run.checkpoints_dir()
+    found = []
+    for p in folder.glob("snapshot-*kimg.pt") if folder.is_dir() else ():
+        m = _SNAPSHOT.match(p.name)
+        if m:
+            found.append(Checkpoint(float(m.group(1)), p))
+    return sorted(found, key=lambda c: c.kimg)
 
 
 class CheckpointError(UserError):
@@ -53,7 +79,7 @@ class Loaded:
 def load_newest(run: Run, map_location: str | torch.device = "cpu") -> Loaded | None:
     """The newest readable snapshot of a run (None when it has none); unreadable newer ones are reported."""
     skipped = []
-    for ckpt in reversed(run.checkpoints()):
+    for ckpt in reversed(list_checkpoints(run)):
         try:
             return Loaded(ckpt, load(ckpt.path, map_location), skipped)
         except CheckpointError as e:
@@ -65,7 +91,7 @@ def load_newest(run: Run, map_location: str | torch.device = "cpu") -> Loaded | 
 
 def select(run: Run, spec: str) -> Checkpoint:
     """`latest` or a kimg (the snapshot nearest to it, within 0.5 kimg) -> a checkpoint of the run."""
-    available = run.checkpoints()
+    available = list_checkpoints(run)
     if not available:
         raise CheckpointError(f"{run.path}: no checkpoints yet (train it first, or wait for its first snapshot)")
     if spec == "latest":
@@ -84,7 +110,7 @@ def select(run: Run, spec: str) -> Checkpoint:
 def prune(run: Run, keep_last: int, keep_every_kimg: float) -> list[Path]:
     """Delete snapshots beyond the newest `keep_last`, except those at multiples of keep_every_kimg."""
     removed = []
-    available = run.checkpoints()
+    available = list_checkpoints(run)
     for ckpt in available[:-keep_last] if keep_last < len(available) else []:
         if keep_every_kimg > 0:
             ratio = ckpt.kimg / keep_every_kimg
@@ -93,3 +119,22 @@ def prune(run: Run, keep_last: int, keep_every_kimg: float) -> list[Path]:
         ckpt.path.unlink(missing_ok=True)
         removed.append(ckpt.path)
     return removed
+
+
+@dataclass
+class Resumed:
+    checkpoint: Checkpoint
+    skipped: list[str]  # newer checkpoints that could not be read
+    dropped_rows: int  # metrics/FID rows written after the checkpoint, removed so the resumed run writes them again
+
+
+def resume(run: Run, load_state: Callable[[dict[str, Any]], None],
+           map_location: str | torch.device = "cpu") -> Resumed | None:
+    """Hand the newest readable snapshot's state to `load_state` and cut the run's logs back to its kimg; None when
+    the run has no snapshot yet (a fresh start)."""
+    loaded = load_newest(run, map_location)
+    if loaded is None:
+        return None
+    load_state(loaded.state)
+    dropped = run.truncate_after(float(loaded.state["nimg"]) / 1000)
+    return Resumed(loaded.checkpoint, loaded.skipped, dropped)

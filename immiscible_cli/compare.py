@@ -7,7 +7,7 @@ that point and the one before it. Nothing is ever extrapolated: a curve that nev
 a curve whose first evaluated point is already at or below the target reaches it at that point's kimg (nothing was
 measured earlier, so we do not guess how much earlier; such a row is flagged, since its true cost may be lower).
 
-Only FIDs scored with the same settings (`runs.FID_SETTINGS`) are compared; runs whose configs differ only in their
+Only FIDs scored with the same settings (`metrics.scorer.FID_SETTINGS`) are compared; runs whose configs differ only in their
 seed form a group, compared through its mean curve. compare_plot.py turns the rows computed here into the table,
 CSV and figure; the JSON document is the rows themselves.
 """
@@ -28,7 +28,8 @@ from rich.console import Console
 
 from .compare_plot import PlotLine, csv_text, print_table, write_plot
 from .errors import UserError
-from .runs import Run, fid_settings, open_run
+from .metrics.scorer import fid_settings, read_fid_rows
+from .runs import Run, open_run
 
 
 class CompareError(UserError):
@@ -128,7 +129,7 @@ def _number(value: Any) -> bool:
 
 def fid_rows(run: Run) -> list[dict[str, Any]]:
     """The run's fid.jsonl rows that hold a usable number (a failed evaluation may have written NaN)."""
-    return [r for r in run.fid_curve() if _number(r.get("fid")) and _number(r.get("kimg"))]
+    return [r for r in read_fid_rows(run) if _number(r.get("fid")) and _number(r.get("kimg"))]
 
 
 def curve_from_rows(rows: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> Curve:

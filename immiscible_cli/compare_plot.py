@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .console import show_table
-from .runs import write_atomic
+from .files import write_atomic
 
 
 # ------------------------------------------------------------------------------------------------------------------

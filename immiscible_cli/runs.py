@@ -7,8 +7,9 @@ A run directory describes itself (STYLE.md convention 10):
       meta.json        provenance: argv, versions, git SHA, device, start time
       log.txt          tee'd log, one fixed-field status line per tick
       metrics.jsonl    one row per tick (training statistics)
-      fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number
-      checkpoints/     snapshot-000012.800kimg.pt (written atomically)
+      fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number (its rows:
+                       metrics/scorer.py)
+      checkpoints/     snapshot-000012.800kimg.pt (written atomically; owned by checkpoint.py)
       samples/         grid-000012.800kimg.png
       train.lock       held (flock) by the process training into this directory
 
@@ -25,7 +26,6 @@ import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +33,7 @@ import yaml
 
 from .config import Config, load_run_config
 from .errors import UserError
+from .files import append_jsonl, read_jsonl, write_atomic, write_jsonl
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -44,24 +45,6 @@ SAMPLES = "samples"
 LOCK = "train.lock"
 
 _RUN_NAME = re.compile(r"^(\d{5,})-(.+)$")
-_SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
-
-
-# The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
-#   kimg, step, fid, num_images, mode ("clean" | "legacy_tensorflow"),
-#   reference {"name", "split", "num_images", "mode", "weights_sha256"} (what the statistics were computed from),
-#   sampler, steps, guidance, ema (bool), weights {"source", "sha256", "dtype"}, seconds (scoring time),
-#   train_s (training seconds elapsed at that checkpoint, FID time excluded), time (ISO timestamp).
-FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "ema", "weights")
-
-
-def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
-    """The part of a fid.jsonl row that must match for two FIDs to be comparable."""
-    return {key: row.get(key) for key in FID_SETTINGS}
-
-
-class RunError(UserError):
-    """A path that is not a usable run directory, or a run that is busy; the message says which and why."""
 
 
 def kimg_tag(kimg: float) -> str:
@@ -69,10 +52,8 @@ def kimg_tag(kimg: float) -> str:
     return f"{kimg:010.3f}kimg"
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    kimg: float
-    path: Path
+class RunError(UserError):
+    """A path that is not a usable run directory, or a run that is busy; the message says which and why."""
 
 
 class Run:
@@ -105,25 +86,14 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS)
 
-    def fid_curve(self) -> list[dict[str, Any]]:
-        """FID rows in file order (sort by kimg where order matters)."""
-        return read_jsonl(self.path / FID)
-
-    def checkpoints(self) -> list[Checkpoint]:
-        """Snapshots, oldest first."""
-        folder = self.path / CHECKPOINTS
-        found = []
-        for p in folder.glob("snapshot-*kimg.pt") if folder.is_dir() else ():
-            m = _SNAPSHOT.match(p.name)
-            if m:
-                found.append(Checkpoint(float(m.group(1)), p))
-        return sorted(found, key=lambda c: c.kimg)
-
-    def checkpoint_path(self, kimg: float) -> Path:
-        return self.path / CHECKPOINTS / f"snapshot-{kimg_tag(kimg)}.pt"
-
     def grid_path(self, kimg: float) -> Path:
         return self.path / SAMPLES / f"grid-{kimg_tag(kimg)}.png"
+
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def fid_path(self) -> Path:
+        return self.path / FID
 
     def log_path(self) -> Path:
         return self.path / LOG
@@ -134,9 +104,6 @@ class Run:
     # --- appending -----------------------------------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:
         append_jsonl(self.path / METRICS, row)
-
-    def append_fid(self, row: dict[str, Any]) -> None:
-        append_jsonl(self.path / FID, row)
 
     def log(self, line: str) -> None:
         with open(self.path / LOG, "a") as f:
@@ -155,7 +122,7 @@ class Run:
             kept = [row for row in rows if row.get("kimg", 0.0) <= kimg + 1e-9]
             if len(kept) != len(rows):
                 dropped += len(rows) - len(kept)
-                write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+                write_jsonl(path, kept)
         return dropped
 
     def write_config(self, config: Config) -> None:
@@ -188,36 +155,6 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# JSONL
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one row and flush it to disk, so a crash never leaves half a line behind a good one."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a truncated last line (a crash mid-write) is skipped, other bad lines are errors."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise RunError(f"{path}: line {i + 1} is not valid JSON; fix or remove that line") from None
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -285,25 +222,6 @@ def latest_run(root: Path | str = "runs") -> Run:
     if not runs:
         raise RunError(f"{root}: no runs found; train one with `immiscible train` or name a run directory")
     return Run(runs[-1][1])
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def provenance(argv: list[str] | None, device: str) -> dict[str, Any]:

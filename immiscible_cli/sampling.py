@@ -7,20 +7,19 @@ Samples pass through the assigner's `decode` (undoing image scaling) before they
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from . import assigners, checkpoint
+from . import assigners
 from .config import Config, check_sampler
 from .data import to_uint8
 from .errors import UserError
-from .models.unet import UNet
+from .images import grid_image, save_each, save_png
+from .networks import load_network, pick_device
 from .objectives import build_objective
-from .runs import Run, write_atomic
+from .runs import Run
 
 
 class SeededNoise:
@@ -32,21 +31,6 @@ class SeededNoise:
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
                             for g in self.generators])
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"device: unknown device '{name}' (accepted: auto, cpu, cuda)")
-    return torch.device(name)
-
-
-def build_network(cfg: Config) -> UNet:
-    """The configured UNet for the configured data (channels, resolution)."""
-    return UNet(cfg.model, image_channels=cfg.data.channels, resolution=cfg.data.resolution)
 
 
 @torch.inference_mode()
@@ -74,30 +58,6 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
     return torch.cat(out)
 
 
-def grid_image(images: torch.Tensor) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one [rows*H, cols*W, C] array, as square as possible (1-pixel-free tiling)."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = torch.zeros((rows * cols, c, h, w), dtype=torch.uint8)
-    canvas[:n] = images
-    canvas = canvas.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    return canvas.numpy()
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Write a [H, W, C] uint8 array as PNG, atomically."""
-    import io
-
-    from PIL import Image
-
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
-
-
 def parse_seeds(seeds: str | None, num: int | None) -> list[int]:
     """`--seeds 0-63`, `--seeds 1,5,9` or `--num 64` (seeds 0..63) -> list of seeds."""
     if seeds and num:
@@ -122,17 +82,6 @@ def parse_seeds(seeds: str | None, num: int | None) -> list[int]:
     return result
 
 
-def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bool = True,
-                 device: torch.device = torch.device("cpu")) -> tuple[UNet, Config, checkpoint.Checkpoint, dict]:
-    """A run's network from one snapshot (`latest`, a kimg, or a Checkpoint already chosen), in eval mode."""
-    cfg = run.config()
-    chosen = ckpt if isinstance(ckpt, checkpoint.Checkpoint) else checkpoint.select(run, ckpt)
-    state = checkpoint.load(chosen.path, map_location="cpu")
-    net = build_network(cfg)
-    net.load_state_dict(state["ema" if ema else "net"])
-    return net.to(device).eval().requires_grad_(False), cfg, chosen, state
-
-
 def sample_run(run: Run, *, ckpt: str, seeds: list[int], steps: int | None, sampler: str | None,
                guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
                grid: Path | None, ema: bool, device: str) -> list[Path]:
@@ -150,9 +99,7 @@ def sample_run(run: Run, *, ckpt: str, seeds: list[int], steps: int | None, samp
                       batch=batch or cfg.sample.batch_size, device=torch_device)
     written = []
     if out_dir is not None:
-        for seed, image in zip(seeds, images):
-            path = Path(out_dir) / f"seed{seed:06d}.png"
-            save_png(image.permute(1, 2, 0).numpy(), path)
+        save_each(images, [f"seed{seed:06d}.png" for seed in seeds], Path(out_dir))
         written.append(Path(out_dir))
     if grid is not None:
         save_png(grid_image(images), Path(grid))

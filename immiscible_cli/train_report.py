@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from .config import Config
+from .console import Bars
 from .runs import Run
 
 
@@ -32,25 +32,17 @@ class Reporter:
     def __init__(self, run: Run, cfg: Config, console: Console | None = None):
         self.run, self.cfg = run, cfg
         self.console = console or Console(highlight=False)
-        self.progress: Progress | None = None
-        self.task = None
-        self.sub_task = None
+        self.bars = Bars(self.console, keep=("train",))  # FID points add a bar of their own while they run
 
     def __enter__(self) -> "Reporter":
         self.note(f"run {self.run.path}  config {self.cfg.digest()}  assigner {self.cfg.assigner.name}  "
                   f"objective {self.cfg.objective.kind}  batch {self.cfg.train.batch_size}  "
                   f"total {self.cfg.train.total_kimg:g} kimg")
-        if self.console.is_terminal:
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                     console=self.console, transient=False)
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=self.cfg.train.total_kimg, status="")
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.bars.__exit__(*exc)
 
     def note(self, message: str) -> None:
         """A timestamped line in log.txt and on the console."""
@@ -62,24 +54,11 @@ class Reporter:
         line = status_line(row)
         self.run.log(line)
         self.console.print(line, markup=False, highlight=False)
-        if self.progress is not None:
-            self.progress.update(self.task, completed=row["kimg"],
-                                 status=f"{row['kimg']:.1f} kimg  loss {row['loss']:.4f}  {row['img_per_s']:.0f} img/s")
-        else:
+        self.bars.update("train", row["kimg"], self.cfg.train.total_kimg,
+                         status=f"{row['kimg']:.1f} kimg  loss {row['loss']:.4f}  {row['img_per_s']:.0f} img/s")
+        if not self.bars.live:
             sys.stdout.flush()
 
     def advance(self, nimg: int) -> None:
         """Move the bar every step (host-side counter only: no device sync); no-op off a terminal."""
-        if self.progress is not None:
-            self.progress.update(self.task, completed=nimg / 1000)
-
-    def sub_progress(self, done: int, total: int, what: str = "FID") -> None:
-        """Progress of a sub-task (FID sampling and scoring): a second bar on a terminal, nothing elsewhere."""
-        if self.progress is None:
-            return
-        if self.sub_task is None:
-            self.sub_task = self.progress.add_task(what, total=total, status=what)
-        self.progress.update(self.sub_task, completed=done, total=total)
-        if done >= total:
-            self.progress.remove_task(self.sub_task)
-            self.sub_task = None
+        self.bars.update("train", nimg / 1000, self.cfg.train.total_kimg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -22,9 +23,18 @@ from .assigners.meter import PairingMeter
 from .config import Config
 from .data import BatchStream, ImageSet, fits_on_gpu, load_images
 from .errors import UserError
+from .images import grid_image, save_png
+from .networks import build_network, pick_device
 from .objectives import build_objective
-from .sampling import build_network, generate, grid_image, pick_device, save_png
+from .sampling import generate
 from .train_report import Reporter
+
+
+class Scorer(Protocol):
+    """What the loop needs of a metric (metrics.scorer.FIDScorer is one): a row for the EMA network now."""
+
+    def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float,
+              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]: ...
 
 
 class TrainingDiverged(UserError):
@@ -36,8 +46,10 @@ class TrainingDiverged(UserError):
 class TrainingLoop:
     """State and one step of training; `run_loop()` drives it to cfg.train.total_kimg."""
 
-    def __init__(self, cfg: Config, run: runs.Run, data: ImageSet, device: torch.device, scorer=None):
+    def __init__(self, cfg: Config, run: runs.Run, data: ImageSet, device: torch.device, scorer: Scorer | None = None,
+                 fid_sink: Callable[[dict], None] | None = None):
         self.cfg, self.run, self.device, self.scorer = cfg, run, device, scorer
+        self.fid_sink = fid_sink or (lambda row: None)
         t = cfg.train
         torch.manual_seed(cfg.seed)  # weights init and dropout draw from torch's global generators
         self.net = build_network(cfg).to(device).train()
@@ -120,7 +132,7 @@ class TrainingLoop:
 
     def snapshot(self) -> Path:
         kimg = self.nimg / 1000
-        path = self.run.checkpoint_path(kimg)
+        path = checkpoint.path_for(self.run, kimg)
         checkpoint.save(path, self.state_dict())
         images = generate(self.ema, self.cfg, list(range(self.cfg.sample.grid_size)),
                           sampler=self.cfg.sample.sampler, steps=self.cfg.sample.steps,
@@ -161,8 +173,8 @@ class TrainingLoop:
                 reporter.note(f"snapshot {self.snapshot().name}")
             if fid:
                 row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
-                                        progress=reporter.sub_progress)
-                self.run.append_fid(row)
+                                        progress=reporter.bars)
+                self.fid_sink(row)
                 reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "
                               f"{row['seconds']:.0f} s)")
             tick_start, tick_nimg = time.perf_counter(), self.nimg
@@ -174,7 +186,7 @@ class TrainingLoop:
     def check_finite(self) -> None:
         bad = int(self.first_bad_step)
         if bad >= 0:
-            kept = self.run.checkpoints()
+            kept = checkpoint.list_checkpoints(self.run)
             where = f"the last good checkpoint is {kept[-1].path.name}" if kept else "no checkpoint was written"
             raise TrainingDiverged(f"loss is not finite at step {bad} ({self.run.path}); {where}. Lower train.lr, "
                                    f"raise train.warmup_kimg or check the data, then resume or start again")
@@ -203,24 +215,22 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool = False,
-          inception: Path | None = None, argv: list[str] | None = None, console=None) -> runs.Run:
+          scorer: Scorer | None = None, argv: list[str] | None = None, console=None) -> runs.Run:
     """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
-    run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed)."""
+    run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed). `scorer`, when given,
+    makes an FID point every cfg.eval.every_kimg; its rows go to the run's fid.jsonl."""
+    from .metrics.scorer import append_fid_row
+
     device = pick_device(cfg.train.device)
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
     if cfg.model.num_classes is not None and int(data.labels.max()) >= cfg.model.num_classes:
         raise UserError(f"model.num_classes: the data has labels up to {int(data.labels.max())}; set "
                         f"model.num_classes >= {int(data.labels.max()) + 1}")
-    scorer = None
-    if 0 < cfg.eval.every_kimg <= cfg.train.total_kimg:  # a run too short for any FID point needs no weights
-        from .evaluate import FIDScorer
-
-        scorer = FIDScorer(cfg, device, inception=inception, console=console)  # weights and reference: fail fast
     run = _open_or_create(cfg, out_root, run_dir, resume, argv, device)
     with run.lock():
         if resume and run.config() != cfg:
             run.write_config(cfg)
-        loop = TrainingLoop(cfg, run, data, device, scorer)
+        loop = TrainingLoop(cfg, run, data, device, scorer, fid_sink=lambda row: append_fid_row(run, row))
         with Reporter(run, cfg, console) as reporter:
             _restore(loop, run, reporter)
             loop.run_loop(reporter)
@@ -240,12 +250,10 @@ def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: b
 
 
 def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:
-    loaded = checkpoint.load_newest(run, map_location=loop.device)
-    for message in loaded.skipped if loaded else []:
-        reporter.note(f"skipping {message}")
-    if loaded is None:
+    resumed = checkpoint.resume(run, loop.load_state_dict, map_location=loop.device)
+    if resumed is None:
         return
-    loop.load_state_dict(loaded.state)
-    dropped = run.truncate_after(loop.nimg / 1000)
-    reporter.note(f"resumed from {loaded.checkpoint.path.name} (step {loop.step}, {loop.nimg / 1000:g} kimg)"
-                  + (f"; dropped {dropped} log rows written after it" if dropped else ""))
+    for message in resumed.skipped:
+        reporter.note(f"skipping {message}")
+    reporter.note(f"resumed from {resumed.checkpoint.path.name} (step {loop.step}, {loop.nimg / 1000:g} kimg)"
+                  + (f"; dropped {resumed.dropped_rows} log rows written after it" if resumed.dropped_rows else ""))

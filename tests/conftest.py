@@ -44,11 +44,20 @@ class StubNetwork:
 def stub_fid(monkeypatch):
     """Every FIDExtractor the library builds uses StubNetwork instead of the 90 MB Inception weights."""
     from immiscible_cli import evaluate
-    from immiscible_cli.metrics import FIDExtractor, WeightsInfo
+    from immiscible_cli.metrics import FIDExtractor, WeightsInfo, scorer
 
     def make(mode="clean", device="cpu", weights=None, batch_size=64, **_):
         return FIDExtractor(mode, device, batch_size=batch_size, network=StubNetwork(),
                             info=WeightsInfo("stub", "", "0" * 64, "float32"))
 
     monkeypatch.setattr(evaluate, "FIDExtractor", make)
+    monkeypatch.setattr(scorer, "FIDExtractor", make)
     return make
+
+
+def train_with_fid(cfg, **kwargs):
+    """trainer.train with the FID scorer `immiscible train` hands it (None when the run has no FID point)."""
+    from immiscible_cli import trainer
+    from immiscible_cli.metrics.scorer import training_scorer
+
+    return trainer.train(cfg, scorer=training_scorer(cfg, torch.device("cpu")), **kwargs)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY
+from conftest import TINY, train_with_fid
 from typer.testing import CliRunner
 
 from immiscible_cli import evaluate, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
+from immiscible_cli.metrics.scorer import FID_SETTINGS, read_fid_rows
 
 runner = CliRunner()
 FID_SET = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",
@@ -20,7 +21,7 @@ FID_SET = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.r
 @pytest.fixture
 def run_with_curve(tmp_path, stub_fid):
     """A tiny run whose trainer already scored both snapshots."""
-    return trainer.train(load_config("quickstart", TINY + FID_SET), out_root=tmp_path / "runs")
+    return train_with_fid(load_config("quickstart", TINY + FID_SET), out_root=tmp_path / "runs")
 
 
 def eval_cli(*args: str):
@@ -28,23 +29,23 @@ def eval_cli(*args: str):
 
 
 def test_eval_after_training_adds_nothing(run_with_curve):
-    before = run_with_curve.fid_curve()
+    before = read_fid_rows(run_with_curve)
     result = eval_cli(str(run_with_curve.path), "--fid")
     assert result.exit_code == 0, result.output
     assert "2 already scored" in result.output and "0 to score" in result.output
-    assert run_with_curve.fid_curve() == before
+    assert read_fid_rows(run_with_curve) == before
 
 
 def test_new_settings_score_every_checkpoint_once(run_with_curve):
     first = eval_cli(str(run_with_curve.path), "--fid", "--steps", "3", "--ckpt", "latest")
     assert first.exit_code == 0, first.output
-    assert len(run_with_curve.fid_curve()) == 3
+    assert len(read_fid_rows(run_with_curve)) == 3
     again = eval_cli(str(run_with_curve.path), "--fid", "--steps", "3")  # all: only the older one is new
     assert again.exit_code == 0, again.output
-    rows = [r for r in run_with_curve.fid_curve() if r["steps"] == 3]
+    rows = [r for r in read_fid_rows(run_with_curve) if r["steps"] == 3]
     assert sorted(r["kimg"] for r in rows) == [0.016, 0.032]
     assert eval_cli(str(run_with_curve.path), "--fid", "--steps", "3").exit_code == 0
-    assert len(run_with_curve.fid_curve()) == 4  # idempotent
+    assert len(read_fid_rows(run_with_curve)) == 4  # idempotent
 
 
 def test_interrupted_eval_resumes_without_duplicates(run_with_curve, monkeypatch):
@@ -60,11 +61,11 @@ def test_interrupted_eval_resumes_without_duplicates(run_with_curve, monkeypatch
     monkeypatch.setattr(evaluate.FIDScorer, "score", dies_on_second)
     interrupted = eval_cli(str(run_with_curve.path), "--fid", "--num-images", "4")
     assert interrupted.exit_code != 0
-    assert len([r for r in run_with_curve.fid_curve() if r["num_images"] == 4]) == 1
+    assert len([r for r in read_fid_rows(run_with_curve) if r["num_images"] == 4]) == 1
     monkeypatch.setattr(evaluate.FIDScorer, "score", real)
     resumed = eval_cli(str(run_with_curve.path), "--fid", "--num-images", "4")
     assert resumed.exit_code == 0, resumed.output
-    rows = [r for r in run_with_curve.fid_curve() if r["num_images"] == 4]
+    rows = [r for r in read_fid_rows(run_with_curve) if r["num_images"] == 4]
     assert sorted(r["kimg"] for r in rows) == [0.016, 0.032]
 
 
@@ -92,7 +93,7 @@ def test_no_run_means_the_newest_under_runs(run_with_curve, monkeypatch):
 def test_kid_is_stored_beside_fid(run_with_curve):
     result = eval_cli(str(run_with_curve.path), "--fid", "--kid", "--ckpt", "latest")
     assert result.exit_code == 0, result.output
-    rows = [r for r in run_with_curve.fid_curve() if "kid" in r]
+    rows = [r for r in read_fid_rows(run_with_curve) if "kid" in r]
     assert len(rows) == 1 and rows[0]["kimg"] == 0.032
 
 
@@ -114,5 +115,5 @@ def test_eval_with_no_runs_anywhere(tmp_path):
 
 
 def test_fid_settings_cover_the_comparability_fields(run_with_curve):
-    row = run_with_curve.fid_curve()[0]
-    assert set(runs.FID_SETTINGS) <= set(row)
+    row = read_fid_rows(run_with_curve)[0]
+    assert set(FID_SETTINGS) <= set(row)

@@ -285,3 +285,33 @@ def test_trunk_matches_torchscript_names():
     names = set(inception.InceptionTrunk().state_dict())
     assert len(names) == 376 and "layers.mixed_9.tower_1_mixed_conv.weight" in names
     assert sum(t.numel() for t in inception.InceptionTrunk().state_dict().values()) == 21_802_784
+
+
+def test_interrupted_reference_statistics_resume_from_their_partial_sums(image_sets, tmp_path, monkeypatch):
+    from immiscible_cli.metrics import reference
+
+    (a, _), _ = image_sets
+    monkeypatch.setattr(reference, "SAVE_EVERY", 4)
+    extractor = FIDExtractor("clean", network=stub, info=STUB_INFO, workers=2, batch_size=2)
+    key = ReferenceKey.for_extractor("fashion-mnist", "train", 32, N, extractor)
+    batches = list(torch.from_numpy(a).permute(0, 3, 1, 2).split(2))  # 6 batches of 2
+
+    def dies_after_four_batches():
+        yield from batches[:4]
+        raise KeyboardInterrupt  # as if the process were stopped
+    with pytest.raises(KeyboardInterrupt):
+        reference_stats(key, dies_after_four_batches, extractor, cache_dir=tmp_path)
+    partial = tmp_path / "fid-stats" / key.filename().replace(".npz", ".partial.npz")
+    assert partial.is_file() and not (tmp_path / "fid-stats" / key.filename()).exists()
+    seen = []
+    def counted():
+        for batch in batches:
+            seen.append(len(batch))
+            yield batch
+    done = []
+    mu, sigma = reference_stats(key, counted, extractor, cache_dir=tmp_path, progress=done.append)
+    assert done[0] > 4 and done[-1] == N  # counting went on from the saved images, not from zero
+    assert not partial.exists()
+    expected_mu, expected_sigma = feature_stats(ours(a, "clean"))
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-10, atol=1e-12)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from immiscible_cli.config import SAMPLERS, DDPMObjective, FlowObjective, ModelConfig
-from immiscible_cli.models.unet import UNet, guided_prediction
+from immiscible_cli.models.unet import UNet
+from immiscible_cli.objectives.guidance import guided_prediction
 from immiscible_cli.objectives import DDPM, OBJECTIVES, Flow, build_objective
 
 DDPM_OBJECTIVE = DDPM(DDPMObjective())  # T = 1000, linear betas 1e-4 .. 0.02

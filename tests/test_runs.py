@@ -7,6 +7,7 @@ import json
 import pytest
 
 from immiscible_cli import runs
+from immiscible_cli.metrics.scorer import append_fid_row, fid_settings, read_fid_rows
 from immiscible_cli.config import load_config
 
 
@@ -31,35 +32,21 @@ def test_round_trip(tmp_path):
     assert (run.path / "checkpoints").is_dir() and (run.path / "samples").is_dir()
     run.append_metrics({"kimg": 1.0, "loss": 0.5})
     run.append_metrics({"kimg": 2.0, "loss": 0.4})
-    run.append_fid({"kimg": 2.0, "fid": 50.0, "mode": "clean"})
+    append_fid_row(run, {"kimg": 2.0, "fid": 50.0, "mode": "clean"})
     run.log("hello")
     assert [r["loss"] for r in reopened.metrics()] == [0.5, 0.4]
-    assert reopened.fid_curve()[0]["fid"] == 50.0
+    assert read_fid_rows(reopened)[0]["fid"] == 50.0
     assert reopened.log_path().read_text() == "hello\n"
-    assert runs.fid_settings({"mode": "clean", "fid": 3.0, "steps": 50})["steps"] == 50
+    assert fid_settings({"mode": "clean", "fid": 3.0, "steps": 50})["steps"] == 50
 
 
-def test_checkpoint_listing_and_truncation(tmp_path):
+def test_truncation_drops_rows_after_a_kimg(tmp_path):
     run = runs.create_run(tmp_path, load_config("quickstart"))
-    for kimg in (2.0, 10.5, 4.0):
-        run.checkpoint_path(kimg).write_bytes(b"x")
-    (run.path / "checkpoints" / "notes.txt").write_text("ignored")
-    assert [c.kimg for c in run.checkpoints()] == [2.0, 4.0, 10.5]
-    assert run.checkpoint_path(10.5).name == "snapshot-000010.500kimg.pt"
     for kimg in (1.0, 2.0, 3.0):
         run.append_metrics({"kimg": kimg})
-    run.append_fid({"kimg": 3.0, "fid": 1.0})
+    append_fid_row(run, {"kimg": 3.0, "fid": 1.0})
     assert run.truncate_after(2.0) == 2
-    assert [r["kimg"] for r in run.metrics()] == [1.0, 2.0] and run.fid_curve() == []
-
-
-def test_truncated_last_jsonl_line_is_skipped_but_corruption_inside_is_an_error(tmp_path):
-    path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": 2, "b"')
-    assert runs.read_jsonl(path) == [{"a": 1}]
-    path.write_text('{"a": 1\n' + json.dumps({"a": 2}) + "\n")
-    with pytest.raises(runs.RunError, match="line 1"):
-        runs.read_jsonl(path)
+    assert [r["kimg"] for r in run.metrics()] == [1.0, 2.0] and read_fid_rows(run) == []
 
 
 def test_open_and_latest_errors(tmp_path):
@@ -85,11 +72,3 @@ def test_lock_refuses_a_second_holder(tmp_path):
                 pass
     with run.lock():  # released on exit
         pass
-
-
-def test_write_atomic_replaces_whole_files(tmp_path):
-    target = tmp_path / "f.bin"
-    runs.write_atomic(target, b"old")
-    runs.write_atomic(target, b"new content")
-    assert target.read_bytes() == b"new content"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary left behind

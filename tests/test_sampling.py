@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import TINY
 from typer.testing import CliRunner
 
-from immiscible_cli import sampling, trainer
+from immiscible_cli import networks, sampling, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.data import to_uint8
@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def random_net(cfg) -> torch.nn.Module:
     """The configured UNet with small random weights everywhere (a fresh UNet outputs exactly zero)."""
-    net = sampling.build_network(cfg).eval()
+    net = networks.build_network(cfg).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():

@@ -8,9 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import train_with_fid
+
 from immiscible_cli import checkpoint, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
+from immiscible_cli.metrics.scorer import read_fid_rows
 
 runner = CliRunner()
 
@@ -33,7 +36,7 @@ def test_tiny_run_writes_the_whole_run_directory(tmp_path, tiny, stub_fid):
     assert run.name == "00000-quickstart"
     for name in ("config.yaml", "meta.json", "log.txt", "metrics.jsonl", "fid.jsonl"):
         assert (run.path / name).is_file(), name
-    assert [c.kimg for c in run.checkpoints()] == [0.016, 0.032]
+    assert [c.kimg for c in checkpoint.list_checkpoints(run)] == [0.016, 0.032]
     assert sorted(p.name for p in (run.path / "samples").iterdir()) == ["grid-000000.016kimg.png",
                                                                          "grid-000000.032kimg.png"]
     metrics = run.metrics()
@@ -41,7 +44,7 @@ def test_tiny_run_writes_the_whole_run_directory(tmp_path, tiny, stub_fid):
     for key in ("kimg", "loss", "lr", "img_per_s", "assign_ms", "pair_dist", "pair_dist_reduction",
                 "noise_sqnorm", "train_s", "peak_mem_mib"):
         assert key in metrics[0], key
-    curve = run.fid_curve()
+    curve = read_fid_rows(run)
     assert [row["kimg"] for row in curve] == [0.016, 0.032]
     row = curve[0]
     assert row["num_images"] == 6 and row["mode"] == "clean" and row["sampler"] == "euler"
@@ -65,7 +68,7 @@ def test_first_losses_match_golden_values(tmp_path, tiny):
 
 
 def final_parameters(run: runs.Run) -> dict[str, torch.Tensor]:
-    state = checkpoint.load(run.checkpoints()[-1].path)
+    state = checkpoint.load(checkpoint.list_checkpoints(run)[-1].path)
     return {**{f"net.{k}": v for k, v in state["net"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
@@ -77,7 +80,7 @@ def test_resume_is_bit_identical(tmp_path, tiny, preset, extra):
     half_cfg = load_config(preset, tiny + extra + ["train.total_kimg=0.016"])
     half = trainer.train(half_cfg, out_root=tmp_path / "half")
     longer = trainer.train(cfg, out_root=tmp_path, run_dir=half.path, resume=True)
-    assert [c.kimg for c in longer.checkpoints()] == [0.016, 0.032]
+    assert [c.kimg for c in checkpoint.list_checkpoints(longer)] == [0.016, 0.032]
     a, b = final_parameters(whole), final_parameters(longer)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -88,7 +91,7 @@ def test_rerunning_into_the_same_run_dir_continues_after_a_crash(tmp_path, tiny)
     cfg = load_config("quickstart", tiny)
     whole = trainer.train(cfg, out_root=tmp_path / "whole")
     crashed = trainer.train(cfg, out_root=tmp_path, run_dir=tmp_path / "crash")
-    crashed.checkpoints()[-1].path.unlink()  # as if the process died after the first snapshot
+    checkpoint.list_checkpoints(crashed)[-1].path.unlink()  # as if the process died after the first snapshot
     again = trainer.train(cfg, out_root=tmp_path, run_dir=tmp_path / "crash")
     assert [m["step"] for m in again.metrics()] == [2, 4]  # the rows after the snapshot were written once more
     a, b = final_parameters(whole), final_parameters(again)
@@ -101,13 +104,13 @@ def test_rerunning_into_the_same_run_dir_continues_after_a_crash(tmp_path, tiny)
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny):
     cfg = load_config("quickstart", tiny)
     run = trainer.train(cfg, out_root=tmp_path)
-    newest = run.checkpoints()[-1].path
+    newest = checkpoint.list_checkpoints(run)[-1].path
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
     result = train_cli("--resume", str(run.path), "--set", "train.total_kimg=0.048")
     assert result.exit_code == 0, result.output
     assert "skipping" in result.output and "unreadable" in result.output
     assert "resumed from snapshot-000000.016kimg.pt" in result.output
-    assert [c.kimg for c in run.checkpoints()] == [0.016, 0.032, 0.048]
+    assert [c.kimg for c in checkpoint.list_checkpoints(run)] == [0.016, 0.032, 0.048]
     assert runs.open_run(run.path).config().train.total_kimg == 0.048
 
 
@@ -125,8 +128,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert result.exit_code == 3
     assert "not finite at step 3" in result.output and "snapshot-000000.016kimg.pt" in result.output
     run = only_run(tmp_path / "runs")
-    assert [c.kimg for c in run.checkpoints()] == [0.016]
-    assert torch.isfinite(checkpoint.load(run.checkpoints()[0].path)["net"]["conv_in.weight"]).all()
+    assert [c.kimg for c in checkpoint.list_checkpoints(run)] == [0.016]
+    assert torch.isfinite(checkpoint.load(checkpoint.list_checkpoints(run)[0].path)["net"]["conv_in.weight"]).all()
 
 
 def test_second_trainer_on_one_run_dir_is_refused(tmp_path, tiny):
@@ -178,15 +181,15 @@ def test_every_rule_trains_through_the_cli_with_its_diagnostics(tmp_path, tiny, 
 
 def test_fid_points_fall_on_multiples_only_and_short_runs_skip_fid(tmp_path, tiny, stub_fid, monkeypatch):
     fid = ["eval.num_images=4", "eval.steps=2", "eval.reference_images=8", "eval.batch_size=4"]
-    run = trainer.train(load_config("quickstart", tiny + fid + ["eval.every_kimg=0.024"]), out_root=tmp_path / "a")
-    assert [r["kimg"] for r in run.fid_curve()] == [0.024]  # not forced at the end (0.032)
+    run = train_with_fid(load_config("quickstart", tiny + fid + ["eval.every_kimg=0.024"]), out_root=tmp_path / "a")
+    assert [r["kimg"] for r in read_fid_rows(run)] == [0.024]  # not forced at the end (0.032)
     assert [m["kimg"] for m in run.metrics()] == [0.016, 0.024, 0.032]  # every stop is a tick
 
-    from immiscible_cli import evaluate
+    from immiscible_cli.metrics import scorer
 
     def no_scorer(*args, **kwargs):
         raise AssertionError("a run with no FID point must not load FID weights or reference statistics")
 
-    monkeypatch.setattr(evaluate, "FIDScorer", no_scorer)
-    short = trainer.train(load_config("quickstart", tiny + fid + ["eval.every_kimg=1"]), out_root=tmp_path / "b")
-    assert short.fid_curve() == [] and len(short.checkpoints()) == 2
+    monkeypatch.setattr(scorer, "FIDScorer", no_scorer)
+    short = train_with_fid(load_config("quickstart", tiny + fid + ["eval.every_kimg=1"]), out_root=tmp_path / "b")
+    assert read_fid_rows(short) == [] and len(checkpoint.list_checkpoints(short)) == 2

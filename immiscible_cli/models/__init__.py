@@ -1,5 +1,5 @@
-"""Networks: the bundled UNet (models/unet.py) and classifier-free guidance around it."""
+"""Networks only: no sampling, no guidance (objectives/guidance.py), no loading (networks.py)."""
 
-from immiscible_cli.models.unet import UNet, guided_prediction, null_label
+from immiscible_cli.models.unet import UNet
 
-__all__ = ["UNet", "guided_prediction", "null_label"]
+__all__ = ["UNet"]

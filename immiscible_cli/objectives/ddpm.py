@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from immiscible_cli.config import DDPMObjective
-from immiscible_cli.models.unet import guided_prediction
+from immiscible_cli.objectives.guidance import guided_prediction
 
 
 class DDPM:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from immiscible_cli.config import FlowObjective
-from immiscible_cli.models.unet import guided_prediction
+from immiscible_cli.objectives.guidance import guided_prediction
 
 # t in [0, 1] is shown to the net as 999 t: the same [0, 999] range as DDPM's integer timesteps, where the
 # sinusoidal embedding's frequencies (periods up to 10^4 time units) separate nearby times well.

@@ -1,0 +1,162 @@
+"""An FID point: generate with fixed per-image seeds, stream the images through the extractor, score them against
+the reference statistics; and the fid.jsonl row that carries the number with every setting that makes two FIDs
+comparable (`FID_SETTINGS`), with its reader and writer.
+
+`FIDScorer` is built by the command (`train` hands it to the trainer, which calls `score` on its EMA network every
+eval.every_kimg; `eval` calls it on checkpoints). Generated images never pile up: each batch is sampled, resized
+and turned into features that only update running sums, so 50k images cost the memory of one batch and one
+[2048, 2048] matrix (features are kept only for KID).
+
+A fid.jsonl row:
+    kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
+    reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
+    ema (bool), weights {"source", "sha256", "dtype"}, seconds (scoring time),
+    train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..config import Config, ConfigError, check_sampler
+from ..console import Progress
+from ..data import load_images
+from ..files import FileFormatError, append_jsonl, read_jsonl
+from ..runs import Run
+from .features import FIDExtractor
+from .reference import ReferenceKey, cleanfid_reference, reference_stats
+from .stats import FeatureStats, compute_kid, frechet_distance
+
+# The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
+FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "ema", "weights")
+REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
+
+
+def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fid.jsonl row that must match for two FIDs to be comparable."""
+    return {key: row.get(key) for key in FID_SETTINGS}
+
+
+def read_fid_rows(run: Run) -> list[dict[str, Any]]:
+    """The run's fid.jsonl rows in file order (sort by kimg where order matters)."""
+    rows = read_jsonl(run.fid_path())
+    for line, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise FileFormatError(f"{run.fid_path()}: row {line} is not a JSON object")
+    return rows
+
+
+def append_fid_row(run: Run, row: dict[str, Any]) -> None:
+    append_jsonl(run.fid_path(), row)
+
+
+class FIDScorer:
+    """FID of a network of one run config against that config's reference statistics."""
+
+    def __init__(self, cfg: Config, device: torch.device, *, inception: Path | str | None = None,
+                 progress: Progress | None = None, num_images: int | None = None, sampler: str | None = None,
+                 steps: int | None = None, reference: str | None = None, mode: str | None = None,
+                 batch: int | None = None, kid: bool = False, extractor: FIDExtractor | None = None,
+                 reference_images: int | None = None):
+        e = cfg.eval
+        self.cfg, self.device, self.kid = cfg, device, kid
+        self.num_images = num_images or e.num_images
+        self.sampler, self.steps = sampler or e.sampler, steps or e.steps
+        self.reference, self.mode = reference or e.reference, mode or e.mode
+        self.batch = batch or e.batch_size
+        self.reference_images = reference_images or e.reference_images
+        check_sampler(cfg.objective.kind, self.sampler)
+        if self.reference not in ("computed", "cleanfid"):
+            raise ConfigError(f"reference '{self.reference}': expected computed or cleanfid")
+        if kid and self.reference == "cleanfid":
+            raise ConfigError("--kid: needs the reference images, which clean-fid's published statistics do not "
+                              "include; use --reference computed")
+        self.extractor = extractor or FIDExtractor(self.mode, device, weights=inception, batch_size=self.batch)
+        if self.extractor.mode != self.mode:
+            raise ConfigError(f"mode '{self.mode}': expected one of clean, legacy_tensorflow")
+        self._real_batches: Callable[[], Iterator[torch.Tensor]] | None = None  # the reference images, for KID
+        self._real_features = None
+        self.ref_mu, self.ref_sigma, self.ref_info = self._reference(progress)
+
+    def _reference(self, progress: Progress | None):
+        data, e = self.cfg.data, self.cfg.eval
+        if self.reference == "cleanfid":
+            if data.source != "cifar10" or data.resolution != 32:
+                raise ConfigError("eval.reference: clean-fid's published statistics exist for CIFAR-10 at 32 px "
+                                  "only; use eval.reference=computed")
+            mu, sigma = cleanfid_reference(e.reference_split, self.mode)
+            count = 50_000 if e.reference_split == "train" else 10_000
+            return mu, sigma, {"name": "cleanfid-cifar10", "split": e.reference_split, "num_images": count,
+                               "mode": self.mode}
+        split = e.reference_split
+        if data.source in ("embedded", "imagefolder") and split != "train":
+            raise ConfigError(f"eval.reference_split: the {data.source} source has one split; use train")
+        real = load_images(data.model_copy(update={"max_images": None}), split)  # the whole split, not a subset
+        total = len(real)
+        count = min(self.reference_images or total, total)
+        key = ReferenceKey.for_extractor(real.name, split, data.resolution, count, self.extractor)
+
+        def images() -> Iterator[torch.Tensor]:
+            chosen = real.images
+            if count < total:
+                pick = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SEED))[:count]
+                chosen = chosen[pick.sort().values]
+            return iter(chosen.split(self.batch))
+
+        self._real_batches = images
+        report = (lambda done: progress(done, count, "reference statistics")) if progress else None
+        mu, sigma = reference_stats(key, images, self.extractor, progress=report)
+        return mu, sigma, {"name": real.name, "split": split, "num_images": count, "mode": self.mode,
+                           "resolution": data.resolution, "file": key.filename()}
+
+    def settings(self, ema: bool = True) -> dict[str, Any]:
+        """The part of a row that must match for FIDs to be comparable (FID_SETTINGS)."""
+        w = self.extractor.weights
+        return {"num_images": self.num_images, "mode": self.mode, "reference": self.ref_info,
+                "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance, "ema": ema,
+                "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype}}
+
+    def generated(self, net: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time."""
+        from ..sampling import generate
+
+        for first in range(0, self.num_images, self.batch):
+            seeds = list(range(first, min(first + self.batch, self.num_images)))
+            yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,
+                           guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device)
+
+    def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float, ema: bool = True,
+              progress: Progress | None = None) -> dict[str, Any]:
+        """Generate num_images with `net` and score them; the fid.jsonl row."""
+        start = time.perf_counter()
+        was_training = net.training
+        net.eval()
+        report = (lambda done: progress(done, self.num_images, "FID")) if progress else None
+        try:
+            stats = self.extractor.stats(self.generated(net), report, keep_features=self.kid)
+        finally:
+            net.train(was_training)
+        fid = frechet_distance(*stats.mean_cov(), self.ref_mu, self.ref_sigma)
+        row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema)}
+        if self.kid:
+            row["kid"] = self._kid(stats)
+        return {**row, "seconds": time.perf_counter() - start, "train_s": train_s, "time": time.time()}
+
+    def _kid(self, stats: FeatureStats) -> float:
+        """KID needs the reference features themselves, not just (mu, sigma): computed once per scorer."""
+        if self._real_features is None:
+            self._real_features = self.extractor.features(self._real_batches())
+        return compute_kid(stats.features(), self._real_features)
+
+
+def training_scorer(cfg: Config, device: torch.device, *, inception: Path | str | None = None,
+                    progress: Progress | None = None) -> FIDScorer | None:
+    """The scorer `train` hands to the trainer: None when the run is too short for any FID point (then no weights
+    or reference statistics are needed)."""
+    if not 0 < cfg.eval.every_kimg <= cfg.train.total_kimg:
+        return None
+    return FIDScorer(cfg, device, inception=inception, progress=progress)
