@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .config.schema import SAMPLERS
 from .errors import UserError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ presets_app = typer.Typer(help="List the shipped presets, or show one fully reso
                           add_completion=False, rich_markup_mode="rich")
 app.add_typer(presets_app, name="presets")
 
+SAMPLER_HELP = ", ".join(f"{' | '.join(names)} ({kind} runs)" for kind, names in SAMPLERS.items()) + "."
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -153,7 +155,7 @@ def sample(
                                                  "per seed.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (default: the run's sample.steps).")]
     = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (ddpm runs), euler | heun (flow runs).")]
+    sampler: Annotated[Optional[str], typer.Option(help=SAMPLER_HELP)]
     = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance weight (conditional runs).")]
     = None,

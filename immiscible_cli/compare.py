@@ -1,6 +1,6 @@
 """`immiscible compare`: line up the FID curves of several runs and say how much faster each reaches a target FID.
 
-Speed-up is the papers' "x times faster" (PAPER.md): the kimg the baseline needs to reach a target FID (default: the
+Speed-up is the papers' "x times faster": the kimg the baseline needs to reach a target FID (default: the
 baseline's best FID) over the kimg this run needs; the same ratio in training seconds (FID time excluded) is the
 wall-clock speed-up. A curve reaches the target at its first point with FID <= target, linearly interpolated between
 that point and the one before it. Nothing is ever extrapolated: a curve that never gets there has "not reached", and

@@ -8,3 +8,7 @@ and what to do. Anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input or environment: reported as `error: <message>`, exit code 2."""
+
+
+class MetricsError(UserError):
+    """Base of every metrics error (FID weights, statistics, references); one line saying what is wrong and what to do."""

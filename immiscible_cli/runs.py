@@ -1,6 +1,6 @@
 """The run-directory format: the only module that knows its file names.
 
-A run directory describes itself (STYLE.md convention 10):
+A run directory describes itself (resolved config, provenance, append-only logs):
 
     runs/00007-cifar10-knn/
       config.yaml      the resolved config (reload with `Run.config()`)

@@ -1,6 +1,6 @@
 """The training loop: assigner -> objective -> step, EMA, warm-up, ticks, snapshots, FID points, exact resume.
 
-Data flow of one step (STYLE.md): batch x0 -> assigner(x0, generator) -> (x0', noise) -> t = objective.sample_t
+Data flow of one step: batch x0 -> assigner(x0, generator) -> (x0', noise) -> t = objective.sample_t
 -> per-sample loss = objective.loss(net, x0', noise, t) -> mean -> backward -> clip -> Adam -> EMA.
 
 Every random draw of a step comes from one seeded generator on the training device (data flips, noise, timesteps,

@@ -17,8 +17,8 @@ from torch import nn
 import cleanfid
 from cleanfid import fid as cleanfid_fid
 from cleanfid import resize as cleanfid_resize
-from immiscible_cli.metrics import features as fid, inception
-from immiscible_cli.config import cache_root
+from immiscible_cli.metrics import features as fid, inception, weights
+from immiscible_cli.cache import cache_root
 from immiscible_cli.metrics import (FIDExtractor, FIDReferenceError, FIDWeightsError, MetricsError, ReferenceKey,
                                     WeightsInfo, cleanfid_reference, compute_kid, feature_stats, fid_from_features,
                                     frechet_distance, load_inception, reference_stats, resolve_weights)
@@ -214,10 +214,10 @@ def locations(tmp_path, monkeypatch):
     def download():
         downloads.append(1)
         return files["download"]
-    monkeypatch.setattr(inception, "CLEANFID_FILE", files["cache"])
-    monkeypatch.setattr(inception, "_fid_helper_file", lambda: files["helper"])
-    monkeypatch.setattr(inception, "FID_HELPER_SHA256", hashlib.sha256(b"helper.pt").hexdigest())
-    monkeypatch.setattr(inception, "_download_cleanfid", download)
+    monkeypatch.setattr(weights, "CLEANFID_FILE", files["cache"])
+    monkeypatch.setattr(weights, "_fid_helper_file", lambda: files["helper"])
+    monkeypatch.setattr(weights, "FID_HELPER_SHA256", hashlib.sha256(b"helper.pt").hexdigest())
+    monkeypatch.setattr(weights, "_download_cleanfid", download)
     monkeypatch.setenv("IMMISCIBLE_INCEPTION", str(files["env"]))
     return files, downloads, monkeypatch
 
@@ -241,10 +241,10 @@ def test_no_weights_error_names_the_three_ways(locations):
     files, _, monkeypatch = locations
     monkeypatch.delenv("IMMISCIBLE_INCEPTION")
     files["cache"].unlink()
-    monkeypatch.setattr(inception, "_fid_helper_file", lambda: None)
+    monkeypatch.setattr(weights, "_fid_helper_file", lambda: None)
     def offline():
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(inception, "_download_cleanfid", offline)
+    monkeypatch.setattr(weights, "_download_cleanfid", offline)
     with pytest.raises(FIDWeightsError) as err:
         load_inception()
     message = str(err.value)
@@ -274,11 +274,11 @@ def test_torchscript_prefixed_keys(tmp_path):
     seq = lambda **m: nn.Sequential(OrderedDict(m))  # noqa: E731
     module = seq(net=seq(layers=seq(conv=nn.Conv2d(3, 2, 1, bias=False))), output=nn.Linear(2, 3))
     torch.jit.script(module).save(str(tmp_path / "ts.pt"))
-    state, stored = inception.read_trunk_weights(tmp_path / "ts.pt")
+    state, stored = weights.read_trunk_weights(tmp_path / "ts.pt")
     assert list(state) == ["layers.conv.weight"] and stored == "float32"  # net. stripped, the output head dropped
     (tmp_path / "junk.pt").write_bytes(b"not weights")
     with pytest.raises(FIDWeightsError, match="cannot read"):
-        inception.read_trunk_weights(tmp_path / "junk.pt")
+        weights.read_trunk_weights(tmp_path / "junk.pt")
 
 
 def test_trunk_matches_torchscript_names():

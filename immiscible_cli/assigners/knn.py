@@ -27,7 +27,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from immiscible_cli.assigners.vanilla import draw_noise, record_stats, record_unpaired_stats, scale_images
+from immiscible_cli.assigners import vanilla
+from immiscible_cli.assigners.vanilla import record_stats, scale_images
 from immiscible_cli.config import KNNAssigner
 
 DRAW_GROUP_ELEMENTS = 1 << 24
@@ -151,12 +152,9 @@ def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
     Returns:
         (x0_paired, noise) shaped, typed and placed like x0; with k = 1 exactly the vanilla draw.
     """
-    x0_paired = scale_images(x0, cfg.image_scale)
     if cfg.k == 1:  # one candidate: nothing to choose, and no candidate buffer
-        noise = draw_noise(x0_paired, generator)
-        if stats is not None:
-            record_unpaired_stats(stats, x0_paired, noise)
-        return x0_paired, noise
+        return vanilla.pair(x0, cfg, generator, stats)
+    x0_paired = scale_images(x0, cfg.image_scale)
     with torch.no_grad():
         noise, best, first = select_nearest(x0_paired, cfg.k, generator, cfg.memory_budget_mib * 2**20)
         if stats is not None:

@@ -14,7 +14,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from immiscible_cli.assigners.vanilla import draw_noise, record_stats, record_unpaired_stats, scale_images
+from immiscible_cli.assigners import vanilla
+from immiscible_cli.assigners.vanilla import draw_noise, record_stats, scale_images
 from immiscible_cli.config import LinearAssigner
 
 # fp16 operands times fp16 operands with an fp32 result: CUDA has it as an overload of mm (recent PyTorch).
@@ -93,13 +94,11 @@ def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
     Returns:
         (x0_paired, noise) shaped, typed and placed like x0; B = 1 is the vanilla draw.
     """
-    x0_paired = scale_images(x0, cfg.image_scale)
-    noise = draw_noise(x0_paired, generator)  # [B, C, H, W], the vanilla draw
     batch = x0.shape[0]
     if batch == 1:  # nothing to permute
-        if stats is not None:
-            record_unpaired_stats(stats, x0_paired, noise)
-        return x0_paired, noise
+        return vanilla.pair(x0, cfg, generator, stats)
+    x0_paired = scale_images(x0, cfg.image_scale)
+    noise = draw_noise(x0_paired, generator)  # [B, C, H, W], the vanilla draw
     with torch.no_grad():
         cost, sq_dist, sq_noise = cost_matrix(x0_paired.flatten(1), noise.flatten(1), cfg.cost, cfg.quantize)
         order = torch.from_numpy(solve(cost)).to(noise.device)  # [B]; the host sync this rule cannot avoid

@@ -1,10 +1,11 @@
 """Metrics: FID (and KID) with clean-fid's pipeline, our own Inception trunk, streaming statistics and cached
-reference statistics. Layers, bottom up: inception (network, weights) -> features (resize, extractor) -> stats
+reference statistics. Layers, bottom up: inception (network), weights (lookup) -> features (resize, extractor) -> stats
 (streaming mean/covariance, distances) -> reference (cache) -> scorer (an FID point of a network, its fid.jsonl row).
 """
 
 from .features import MODES, FIDExtractor
-from .inception import FIDWeightsError, MetricsError, WeightsInfo, load_inception, resolve_weights
+from ..errors import MetricsError
+from .weights import FIDWeightsError, WeightsInfo, load_inception, resolve_weights
 from .reference import FIDReferenceError, ReferenceKey, cleanfid_reference, reference_stats
 from .stats import FeatureStats, compute_kid, feature_stats, fid_from_features, frechet_distance
 

@@ -4,7 +4,7 @@ features [b, 2048], streamed batch by batch.
 On the same images and network, features equal what `cleanfid.fid.compute_fid(..., custom_feat_extractor=...)`
 computes: bit for bit with the default memory layout; on the CPU the trunk runs in channels_last, 1.6x faster on a
 2-core machine and equal to about 1e-6 relative. Statistics live in `stats.py`, the reference cache in
-`reference.py`, the network and its weights in `inception.py`.
+`reference.py`, the network in `inception.py`, its weights in `weights.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inception import MetricsError, WeightsInfo, load_inception
+from ..errors import MetricsError
+from .weights import WeightsInfo, load_inception
 from .stats import FeatureStats
 
 MODES = ("clean", "legacy_tensorflow")
@@ -67,7 +68,7 @@ class FIDExtractor:
                  batch_size: int = 64, *, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  info: WeightsInfo | None = None, workers: int | None = None) -> None:
         """`device`: cpu, cuda[:i] or auto. `weights`: a weights file (else the lookup order of
-        `inception.weight_candidates`). `batch_size`: images per network call (on the CPU, sub-batches of
+        `weights.weight_candidates`). `batch_size`: images per network call (on the CPU, sub-batches of
         CPU_NETWORK_BATCH). `network` replaces the Inception trunk (tests: any function of the normalised
         [B, 3, 299, 299] input), described by `info`. `workers`: resize threads (default: one per CPU core)."""
         if mode not in MODES:

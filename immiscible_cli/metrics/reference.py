@@ -20,9 +20,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..config import cache_root
+from ..cache import cache_root
 from .features import MODES, FIDExtractor
-from .inception import MetricsError
+from ..errors import MetricsError
 from .stats import FeatureStats
 
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"

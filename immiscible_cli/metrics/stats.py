@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 
-from .inception import MetricsError
+from ..errors import MetricsError
 
 
 class FeatureStats:

@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from immiscible_cli.config import DDPMObjective
+from immiscible_cli.config import SAMPLERS, DDPMObjective
 from immiscible_cli.objectives.guidance import guided_prediction
 
 
 class DDPM:
     """Epsilon-prediction diffusion with a linear beta schedule (config `objective.kind: ddpm`)."""
 
-    samplers: tuple[str, ...] = ("ddim", "ddpm")
+    samplers: tuple[str, ...] = SAMPLERS["ddpm"]
 
     def __init__(self, cfg: DDPMObjective):
         self.T = cfg.timesteps

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from immiscible_cli.config import FlowObjective
+from immiscible_cli.config import SAMPLERS, FlowObjective
 from immiscible_cli.objectives.guidance import guided_prediction
 
 # t in [0, 1] is shown to the net as 999 t: the same [0, 999] range as DDPM's integer timesteps, where the
@@ -31,7 +31,7 @@ NET_TIME_SCALE = 999.0
 class Flow:
     """Velocity-prediction flow matching on the straight noise-to-data path (config `objective.kind: flow`)."""
 
-    samplers: tuple[str, ...] = ("euler", "heun")
+    samplers: tuple[str, ...] = SAMPLERS["flow"]
 
     def __init__(self, cfg: FlowObjective):
         self.cfg = cfg

@@ -1,33 +1,23 @@
-"""Configuration: the validated `Config` model, preset lookup, `--set` overrides and their error messages.
+"""The configuration schema: one pydantic model per section, every default on its field with a docstring that
+carries the unit. Nothing here reads files: loading, presets, `--set` and error messages live in `loading.py`.
 
-Every default lives here, on the pydantic field, with a docstring that carries its unit. A preset file holds only
-the fields that differ from these defaults. `load_config` is the one entry point: preset name or path, plus
-`--set section.field=value` overrides, to a validated `Config` or a `ConfigError` whose message names the file
-and the field path.
+The names users choose among are listed once: `SAMPLERS` (objective kind -> its samplers, the first is the
+default), `OBJECTIVE_SECTIONS` and `ASSIGNER_SECTIONS` (tag -> section model); the `Literal` choices, the
+discriminated unions and the registries in objectives/ and assigners/ follow from them (a test keeps them equal).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
-import os
-from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from .errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PRESET = "quickstart"
-CACHE_ENV = "IMMISCIBLE_CACHE"
-
-
-def cache_root() -> Path:
-    """The user cache: $IMMISCIBLE_CACHE, else ~/.cache/immiscible. Downloads and FID statistics live here, never in
-    site-packages (unlike clean-fid)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "immiscible").expanduser()
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+SamplerName = Literal[tuple(name for names in SAMPLERS.values() for name in names)]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -108,8 +98,8 @@ class FlowObjective(_Section):
     kind: Literal["flow"] = "flow"
 
 
-Objective = Annotated[Union[DDPMObjective, FlowObjective], Field(discriminator="kind")]
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+OBJECTIVE_SECTIONS: dict[str, type[BaseModel]] = {"ddpm": DDPMObjective, "flow": FlowObjective}
+Objective = Annotated[Union[tuple(OBJECTIVE_SECTIONS.values())], Field(discriminator="kind")]  # type: ignore
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,8 +132,10 @@ class KNNAssigner(_AssignerBase):
     """Most extra memory the candidate search may hold at once, in MiB (candidates are processed in chunks)."""
 
 
-Assigner = Annotated[Union[VanillaAssigner, LinearAssigner, KNNAssigner], Field(discriminator="name")]
-ASSIGNER_NAMES: tuple[str, ...] = ("vanilla", "linear", "knn")
+ASSIGNER_SECTIONS: dict[str, type[BaseModel]] = {"vanilla": VanillaAssigner, "linear": LinearAssigner,
+                                                 "knn": KNNAssigner}
+ASSIGNER_NAMES: tuple[str, ...] = tuple(ASSIGNER_SECTIONS)
+Assigner = Annotated[Union[tuple(ASSIGNER_SECTIONS.values())], Field(discriminator="name")]  # type: ignore
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +188,7 @@ class TrainConfig(_Section):
 
 
 class SampleConfig(_Section):
-    sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
+    sampler: SamplerName | None = None
     """Sampler; None = the objective's default (ddim for ddpm, euler for flow)."""
     steps: int = Field(50, ge=1)
     """Sampling steps (network evaluations per image for ddim/ddpm/euler; about twice that for heun)."""
@@ -215,7 +207,7 @@ class EvalConfig(_Section):
     """FID every this many thousand images during training; 0 = off."""
     num_images: int = Field(10_000, ge=2)
     """Generated images per FID point."""
-    sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
+    sampler: SamplerName | None = None
     """Sampler for FID images; None = sample.sampler."""
     steps: int = Field(50, ge=1)
     """Sampling steps for FID images."""
@@ -275,196 +267,3 @@ class Config(_Section):
         """sha256 of the canonical JSON of the config (short form: first 16 hex digits)."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loading
-
-
-# Fields `immiscible train --resume RUN --set ...` may change: none of them alters the training math, so a run
-# extended this way is the same run as one configured with the new values from the start.
-RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
-                       "train.keep_every_kimg", "sample.", "eval.")
-
-
-class ConfigError(UserError):
-    """A config problem, with a one-line message naming the file (or `--set`) and the field path."""
-
-
-def preset_dir() -> Path:
-    """The shipped presets: immiscible_cli/presets in an installed wheel, the top-level presets/ in a checkout."""
-    package = Path(str(importlib.resources.files("immiscible_cli")))
-    installed = package / "presets"
-    return installed if installed.is_dir() else package.parent / "presets"
-
-
-def list_presets() -> dict[str, str]:
-    """name -> one-line description (the first header-comment line) of every shipped preset."""
-    out = {}
-    for path in sorted(preset_dir().glob("*.yaml"), key=lambda p: p.stem):
-        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")
-        out[path.stem] = first.lstrip("#").strip()
-    return out
-
-
-def resolve_preset(preset: str | None) -> Path:
-    """A preset name (shipped) or a path to a YAML file."""
-    name = preset or DEFAULT_PRESET
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") or "/" in name or candidate.is_file():
-        if not candidate.is_file():
-            raise ConfigError(f"{name}: no such preset file; give a YAML file or one of the names from "
-                              f"`immiscible presets`")
-        return candidate
-    shipped = preset_dir() / f"{name}.yaml"
-    if not shipped.is_file():
-        raise ConfigError(f"preset '{name}': unknown preset (accepted: {', '.join(list_presets())}, "
-                          f"or a path to a .yaml file)")
-    return shipped
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a preset must be a YAML mapping of sections (data, model, ...), "
-                          f"got {type(raw).__name__}")
-    return raw
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one `section.field=value` (value parsed as YAML) to a raw config dict, in place."""
-    if "=" not in override:
-        raise ConfigError(f"--set {override}: expected section.field=value, e.g. train.lr=1e-4")
-    path, text = override.split("=", 1)
-    keys = path.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"--set {override}: bad field path '{path}', expected section.field=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {override}: '{'.'.join(keys[:i + 1])}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-_UNION_MEMBERS: dict[str, type[BaseModel]] = {
-    "ddpm": DDPMObjective, "flow": FlowObjective,
-    "vanilla": VanillaAssigner, "linear": LinearAssigner, "knn": KNNAssigner,
-}
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig,
-}
-
-
-def _accepted_fields(loc: tuple) -> list[str]:
-    """Field names accepted where an unknown field was found (loc without its last part)."""
-    parent = loc[:-1]
-    if not parent:
-        return list(Config.model_fields)
-    if len(parent) >= 2 and parent[1] in _UNION_MEMBERS:
-        return list(_UNION_MEMBERS[parent[1]].model_fields)
-    section = _SECTIONS.get(parent[0])
-    return list(section.model_fields) if section and len(parent) == 1 else []
-
-
-def _field_path(loc: tuple) -> str:
-    """pydantic's location as users write it: discriminated unions add the tag (assigner.knn.k), drop it."""
-    parts = [str(p) for i, p in enumerate(loc)
-             if not (i == 1 and loc[0] in ("objective", "assigner") and p in _UNION_MEMBERS)]
-    return ".".join(parts)
-
-
-def _format_error(err: dict[str, Any]) -> tuple[str, str]:
-    """(field path, message) for one pydantic error."""
-    loc = tuple(err["loc"])
-    path, kind, msg = _field_path(loc), err["type"], err["msg"].removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        accepted = _accepted_fields(loc)
-        hint = f" (accepted here: {', '.join(accepted)})" if accepted else ""
-        return path, f"unknown field '{path}'{hint}"
-    if kind == "union_tag_invalid":
-        tag = "kind" if path == "objective" else "name"
-        choices = "ddpm, flow" if tag == "kind" else ", ".join(ASSIGNER_NAMES)
-        return f"{path}.{tag}", f"{path}.{tag}: unknown choice {err['ctx']['tag']!r} (accepted: {choices})"
-    if kind == "union_tag_not_found":
-        tag = "kind" if path == "objective" else "name"
-        return f"{path}.{tag}", f"{path}: missing '{tag}' field, which picks the variant"
-    if not path:  # a cross-field rule of Config: its message starts with the field path already
-        return msg.split(":", 1)[0], msg
-    shown = err.get("input")
-    got = "" if isinstance(shown, (dict, list)) or shown is None else f", got {shown!r}"
-    return path, f"{path}: {msg}{got}"
-
-
-def validate(raw: dict[str, Any], source: str | Callable[[str], str]) -> Config:
-    """Validate a raw dict; on failure raise ConfigError, one line per problem, each naming its source."""
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            path, message = _format_error(err)
-            origin = source(path) if callable(source) else source
-            lines.append(f"{origin}: {message}")
-        raise ConfigError("\n".join(lines)) from None
-
-
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Preset (name or path; default quickstart) + `--set` overrides -> validated Config."""
-    path = resolve_preset(preset)
-    raw = read_yaml(path)
-    raw.setdefault("name", path.stem)
-    source = f"preset {path.stem} ({path})" if path.parent == preset_dir() else str(path)
-    config = validate(raw, source)  # a broken file is reported as the file's problem, before any --set
-    return with_overrides(config, overrides) if overrides else config
-
-
-def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
-                   allowed: tuple[str, ...] | None = None) -> Config:
-    """A copy of config with `--set section.field=value` overrides applied and validated.
-
-    `allowed`: field paths (or section prefixes ending in '.') that may be overridden; others are refused."""
-    raw = config.to_dict()
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
-            raise ConfigError(f"--set {item}: '{key}' cannot change in a run that has started (changeable: "
-                              f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
-        apply_override(raw, item)
-
-    def blame(field: str) -> str:
-        for item in reversed(overrides):
-            key = item.split("=", 1)[0].strip()
-            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
-                return f"--set {item}"
-        return f"--set {' '.join(overrides)}"
-
-    return validate(raw, blame)
-
-
-def check_sampler(kind: str, sampler: str, option: str = "--sampler") -> None:
-    """ConfigError unless `sampler` belongs to the objective `kind` (SAMPLERS)."""
-    if sampler not in SAMPLERS[kind]:
-        raise ConfigError(f"{option} {sampler}: this run trains a {kind} objective "
-                          f"(accepted: {', '.join(SAMPLERS[kind])})")
-
-
-def load_run_config(path: Path) -> Config:
-    """The resolved config.yaml of a run directory."""
-    return validate(read_yaml(path), str(path))

@@ -1,0 +1,203 @@
+"""Loading a config: preset lookup, YAML reading, `--set section.field=value` overrides, and error messages that
+name the file (or `--set`) and the field path. `load_config` is the one entry point: preset name or path, plus
+overrides, to a validated `Config` or a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import UserError
+from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIVE_SECTIONS, SAMPLERS, Config,
+                     DataConfig, EvalConfig, ModelConfig, SampleConfig, TrainConfig)
+
+
+# Fields `immiscible train --resume RUN --set ...` may change: none of them alters the training math, so a run
+# extended this way is the same run as one configured with the new values from the start.
+RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
+                       "train.keep_every_kimg", "sample.", "eval.")
+
+
+class ConfigError(UserError):
+    """A config problem, with a one-line message naming the file (or `--set`) and the field path."""
+
+
+def preset_dir() -> Path:
+    """The shipped presets: immiscible_cli/presets in an installed wheel, the top-level presets/ in a checkout."""
+    package = Path(str(importlib.resources.files("immiscible_cli")))
+    installed = package / "presets"
+    return installed if installed.is_dir() else package.parent / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """name -> one-line description (the first header-comment line) of every shipped preset."""
+    out = {}
+    for path in sorted(preset_dir().glob("*.yaml"), key=lambda p: p.stem):
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")
+        out[path.stem] = first.lstrip("#").strip()
+    return out
+
+
+def resolve_preset(preset: str | None) -> Path:
+    """A preset name (shipped) or a path to a YAML file."""
+    name = preset or DEFAULT_PRESET
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") or "/" in name or candidate.is_file():
+        if not candidate.is_file():
+            raise ConfigError(f"{name}: no such preset file; give a YAML file or one of the names from "
+                              f"`immiscible presets`")
+        return candidate
+    shipped = preset_dir() / f"{name}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"preset '{name}': unknown preset (accepted: {', '.join(list_presets())}, "
+                          f"or a path to a .yaml file)")
+    return shipped
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping of sections (data, model, ...), "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.field=value` (value parsed as YAML) to a raw config dict, in place."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override}: expected section.field=value, e.g. train.lr=1e-4")
+    path, text = override.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {override}: bad field path '{path}', expected section.field=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override}: '{'.'.join(keys[:i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+_UNION_MEMBERS: dict[str, type[BaseModel]] = {**OBJECTIVE_SECTIONS, **ASSIGNER_SECTIONS}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig,
+}
+
+
+def _accepted_fields(loc: tuple) -> list[str]:
+    """Field names accepted where an unknown field was found (loc without its last part)."""
+    parent = loc[:-1]
+    if not parent:
+        return list(Config.model_fields)
+    if len(parent) >= 2 and parent[1] in _UNION_MEMBERS:
+        return list(_UNION_MEMBERS[parent[1]].model_fields)
+    section = _SECTIONS.get(parent[0])
+    return list(section.model_fields) if section and len(parent) == 1 else []
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's location as users write it: discriminated unions add the tag (assigner.knn.k), drop it."""
+    parts = [str(p) for i, p in enumerate(loc)
+             if not (i == 1 and loc[0] in ("objective", "assigner") and p in _UNION_MEMBERS)]
+    return ".".join(parts)
+
+
+def _format_error(err: dict[str, Any]) -> tuple[str, str]:
+    """(field path, message) for one pydantic error."""
+    loc = tuple(err["loc"])
+    path, kind, msg = _field_path(loc), err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        accepted = _accepted_fields(loc)
+        hint = f" (accepted here: {', '.join(accepted)})" if accepted else ""
+        return path, f"unknown field '{path}'{hint}"
+    if kind == "union_tag_invalid":
+        tag = "kind" if path == "objective" else "name"
+        choices = ", ".join(OBJECTIVE_SECTIONS if tag == "kind" else ASSIGNER_NAMES)
+        return f"{path}.{tag}", f"{path}.{tag}: unknown choice {err['ctx']['tag']!r} (accepted: {choices})"
+    if kind == "union_tag_not_found":
+        tag = "kind" if path == "objective" else "name"
+        return f"{path}.{tag}", f"{path}: missing '{tag}' field, which picks the variant"
+    if not path:  # a cross-field rule of Config: its message starts with the field path already
+        return msg.split(":", 1)[0], msg
+    shown = err.get("input")
+    got = "" if isinstance(shown, (dict, list)) or shown is None else f", got {shown!r}"
+    return path, f"{path}: {msg}{got}"
+
+
+def validate(raw: dict[str, Any], source: str | Callable[[str], str]) -> Config:
+    """Validate a raw dict; on failure raise ConfigError, one line per problem, each naming its source."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            path, message = _format_error(err)
+            origin = source(path) if callable(source) else source
+            lines.append(f"{origin}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset (name or path; default quickstart) + `--set` overrides -> validated Config."""
+    path = resolve_preset(preset)
+    raw = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    source = f"preset {path.stem} ({path})" if path.parent == preset_dir() else str(path)
+    config = validate(raw, source)  # a broken file is reported as the file's problem, before any --set
+    return with_overrides(config, overrides) if overrides else config
+
+
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
+                   allowed: tuple[str, ...] | None = None) -> Config:
+    """A copy of config with `--set section.field=value` overrides applied and validated.
+
+    `allowed`: field paths (or section prefixes ending in '.') that may be overridden; others are refused."""
+    raw = config.to_dict()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            raise ConfigError(f"--set {item}: '{key}' cannot change in a run that has started (changeable: "
+                              f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
+        apply_override(raw, item)
+
+    def blame(field: str) -> str:
+        for item in reversed(overrides):
+            key = item.split("=", 1)[0].strip()
+            if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+                return f"--set {item}"
+        return f"--set {' '.join(overrides)}"
+
+    return validate(raw, blame)
+
+
+def check_sampler(kind: str, sampler: str, option: str = "--sampler") -> None:
+    """ConfigError unless `sampler` belongs to the objective `kind` (SAMPLERS)."""
+    if sampler not in SAMPLERS[kind]:
+        raise ConfigError(f"{option} {sampler}: this run trains a {kind} objective "
+                          f"(accepted: {', '.join(SAMPLERS[kind])})")
+
+
+def load_run_config(path: Path) -> Config:
+    """The resolved config.yaml of a run directory."""
+    return validate(read_yaml(path), str(path))
