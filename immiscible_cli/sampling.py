@@ -33,15 +33,46 @@ class SeededNoise:
                             for g in self.generators])
 
 
+class CountingNet(torch.nn.Module):
+    """Forwards to `net` and counts the calls (network function evaluations, NFE) since the last `reset`.
+
+    A guided prediction is one call (conditional and unconditional halves share one forward). `num_classes` is
+    copied so that classifier-free guidance finds the null label through the wrapper.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes: int | None = getattr(net, "num_classes",
+                                               getattr(getattr(net, "module", None), "num_classes", None))
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x, t, labels)  # [B, C, H, W]
+
+
 @torch.inference_mode()
 def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler: str, steps: int,
              guidance: float = 1.0, eta: float | None = None, labels: Sequence[int] | None = None,
-             batch: int = 64, device: torch.device | None = None) -> torch.Tensor:
-    """uint8 [N, C, H, W] images, one per seed, decoded to data space."""
+             batch: int = 64, device: torch.device | None = None, nfe: list[int] | None = None) -> torch.Tensor:
+    """uint8 [N, C, H, W] images, one per seed, decoded to data space.
+
+    The sampler options come from `cfg.sample` (eta unless given, clip_x0 with c = assigner.image_scale, the DDIM
+    grid, the ODE tolerances). When `nfe` is given, the number of network calls of each generated batch is
+    appended to it (one entry per batch of at most `batch` seeds). Image i depends on seed i alone, except with
+    the adaptive "dopri5", whose step sizes (and NFE) follow the whole batch (see objectives/flow.py).
+    """
     device = device or next(net.parameters()).device
     objective = build_objective(cfg.objective)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     conditional = cfg.model.num_classes is not None
+    # Clip at the data range in model space: image scaling multiplies the data in [-1, 1] by image_scale.
+    clip_x0 = cfg.assigner.image_scale if cfg.sample.clip_x0 else None
+    counting = CountingNet(net)
     out = []
     for start in range(0, len(seeds), batch):
         chunk = list(seeds[start:start + batch])
@@ -51,9 +82,13 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
         if conditional:
             chunk_labels = torch.tensor([labels[start + i] if labels is not None else s % cfg.model.num_classes
                                          for i, s in enumerate(chunk)], device=device)
-        x = objective.sample(net, noise, sampler=sampler, steps=steps,
+        counting.reset()
+        x = objective.sample(counting, noise, sampler=sampler, steps=steps,
                              eta=cfg.sample.eta if eta is None else eta, labels=chunk_labels, guidance=guidance,
-                             randn=noise_source.randn_like)
+                             randn=noise_source.randn_like, clip_x0=clip_x0, grid=cfg.sample.ddim_grid,
+                             atol=cfg.sample.ode_atol, rtol=cfg.sample.ode_rtol)  # [b, C, H, W], model space
+        if nfe is not None:
+            nfe.append(counting.calls)
         out.append(to_uint8(assigners.decode(x.float(), cfg.assigner)).cpu())
     return torch.cat(out)
 

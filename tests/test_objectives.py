@@ -91,6 +91,36 @@ def test_sampling_timesteps() -> None:
         DDPM_OBJECTIVE.sampling_timesteps(1001)
 
 
+def test_stride_sampling_timesteps_are_tqchs_arange() -> None:
+    taus = DDPM_OBJECTIVE.sampling_timesteps(50, "stride")
+    assert len(taus) == 50 and taus[0] == 980 and taus[-1] == 0
+    assert {a - b for a, b in zip(taus, taus[1:])} == {20}
+    assert DDPM_OBJECTIVE.sampling_timesteps(10, "stride") == list(range(900, -1, -100))
+    for n in (1, 4, 8, 10, 50, 100, 250, 1000):  # N divides T: exactly tqch/ddpm-torch's arange(0, T, T // N)
+        assert DDPM_OBJECTIVE.sampling_timesteps(n, "stride") == torch.arange(0, 1000, 1000 // n).flip(0).tolist()
+    # N does not divide T: all of tqch's arange, which has 31 entries here (from 990), as tqch samples.
+    assert DDPM_OBJECTIVE.sampling_timesteps(30, "stride") == list(range(30 * 33, -1, -33))
+    with pytest.raises(ValueError, match="steps"):
+        DDPM_OBJECTIVE.sampling_timesteps(1001, "stride")
+    with pytest.raises(ValueError, match="grid"):
+        DDPM_OBJECTIVE.sampling_timesteps(10, "quadratic")
+
+
+@pytest.mark.parametrize("grid", ["linspace", "stride"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_ddpm_samplers_show_the_net_the_grid_timesteps(grid: str, sampler: str) -> None:
+    seen = []
+
+    def recording(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+
+    DDPM_OBJECTIVE.sample(recording, torch.ones(2, 1, 2, 2), sampler=sampler, steps=10, grid=grid,
+                          randn=torch.zeros_like)
+    assert seen == [[float(tau)] * 2 for tau in DDPM_OBJECTIVE.sampling_timesteps(10, grid)]
+    assert seen[0][0] == (999.0 if grid == "linspace" else 900.0)
+
+
 @pytest.mark.parametrize("objective", [DDPM_OBJECTIVE, FLOW_OBJECTIVE], ids=["ddpm", "flow"])
 def test_sample_t_range_and_determinism(objective: DDPM | Flow) -> None:
     t = objective.sample_t(4096, torch.Generator().manual_seed(1), "cpu")
@@ -141,6 +171,29 @@ def test_flow_loss_builds_x_t_from_the_supplied_noise_and_targets_data_minus_noi
     torch.testing.assert_close(seen["net_t"], torch.tensor([0.0, 249.75, 999.0]))
     wrong = FLOW_OBJECTIVE.loss(lambda *_: data - noise - 1.0, data, noise, t)
     torch.testing.assert_close(wrong, torch.ones(3))
+
+
+@pytest.mark.parametrize("scale", [1.0, 999.0])
+def test_flow_net_sees_t_times_net_time_scale(scale: float) -> None:
+    objective = Flow(FlowObjective(net_time_scale=scale))
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    objective.loss(recording, torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2), t)
+    assert len(seen) == 1 and seen[0].dtype == torch.float32
+    assert seen[0].tolist() == [0.0, 0.25 * scale, 0.5 * scale, scale]  # exact: t itself when scale = 1 (torchcfm)
+    seen.clear()
+    objective.sample(recording, torch.zeros(3, 1, 2, 2), sampler="euler", steps=4)
+    assert [s.tolist() for s in seen] == [[i / 4 * scale] * 3 for i in range(4)]  # t_i = i / N, times the scale
+    seen.clear()
+    objective.sample(recording, torch.zeros(3, 1, 2, 2), sampler="dopri5", steps=4)
+    times = torch.stack(seen)  # [NFE, B]: every evaluation shows one time to the whole batch
+    assert (times == times[:, :1]).all() and times[0, 0] == 0.0 and times.min() == 0.0
+    assert times.max() >= scale  # its last step reaches (torchdiffeq: may pass, then interpolate back to) t = 1
 
 
 # --- samplers on analytic nets ----------------------------------------------------------------------------------
@@ -198,7 +251,9 @@ def test_ddim_with_the_exact_point_mass_epsilon_recovers_the_point(steps: int) -
     torch.testing.assert_close(out, point.expand_as(out), atol=1e-4, rtol=0)  # float32 eps / sqrt(abar_T)
 
 
-def test_ddpm_equals_ddim_with_eta_one_on_a_real_net() -> None:
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_ddpm_equals_ddim_with_eta_one_on_a_real_net(clip: float | None) -> None:
+    # With clipping too: the posterior mean of the clipped x0 is DDIM's step with eps recomputed from it.
     net = tiny_conditional_unet()
     noise = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     draws = torch.randn(10, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -208,8 +263,8 @@ def test_ddpm_equals_ddim_with_eta_one_on_a_real_net() -> None:
         return lambda like: next(calls)
 
     with torch.no_grad():
-        ancestral = DDPM_OBJECTIVE.sample(net, noise, sampler="ddpm", steps=6, randn=replay())
-        ddim = DDPM_OBJECTIVE.sample(net, noise, sampler="ddim", steps=6, eta=1.0, randn=replay())
+        ancestral = DDPM_OBJECTIVE.sample(net, noise, sampler="ddpm", steps=6, randn=replay(), clip_x0=clip)
+        ddim = DDPM_OBJECTIVE.sample(net, noise, sampler="ddim", steps=6, eta=1.0, randn=replay(), clip_x0=clip)
     torch.testing.assert_close(ancestral, ddim, atol=1e-4, rtol=1e-4)
 
 
@@ -226,6 +281,99 @@ def test_randn_is_called_once_per_stochastic_step_with_the_full_batch() -> None:
     shapes.clear()
     DDPM_OBJECTIVE.sample(linear_net(0.1), noise, sampler="ddim", steps=8, randn=recording_randn)
     assert shapes == []  # eta = 0 is deterministic
+
+
+# --- clipping of the predicted x0 --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("clip", [1.0, 2.0])
+def test_clip_x0_keeps_the_sample_in_range(sampler: str, clip: float) -> None:
+    # eps = -4 x makes the predicted x0 = x (1 + 4 sqrt(1 - abar)) / sqrt(abar): far outside [-1, 1] at once.
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(sampler=sampler, steps=10, randn=torch.zeros_like)
+    clipped = DDPM_OBJECTIVE.sample(linear_net(-4.0), noise, clip_x0=clip, **kwargs)
+    free = DDPM_OBJECTIVE.sample(linear_net(-4.0), noise, **kwargs)
+    assert clipped.abs().max() <= clip and clipped.abs().max() == clip  # in range, and the clip was active
+    assert free.abs().max() > 10 * clip
+
+
+def test_one_ddim_step_with_clipping_by_hand() -> None:
+    # steps = 2: taus 999 -> 0, then 0 -> "abar = 1". The net says eps = -5 at t = 999 and eps = 0 at t = 0, so the
+    # output is x_0 / sqrt(abar_0) = the first step's result, unclipped by the last step (it stays inside [-2, 2]).
+    clip, eps_first = 2.0, -5.0
+    a_t, a_0 = DDPM_OBJECTIVE.alpha_bar[999].item(), DDPM_OBJECTIVE.alpha_bar[0].item()
+
+    def net(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.where(t.view(-1, 1, 1, 1) > 500, eps_first, 0.0).expand_as(x)
+
+    def by_hand(x: float, recompute: bool) -> float:
+        x0 = (x - math.sqrt(1 - a_t) * eps_first) / math.sqrt(a_t)  # DDIM Eq. 12, predicted x0
+        x0_clipped = min(max(x0, -clip), clip)
+        eps = (x - math.sqrt(a_t) * x0_clipped) / math.sqrt(1 - a_t) if recompute else eps_first
+        x_prev = math.sqrt(a_0) * x0_clipped + math.sqrt(1 - a_0) * eps  # eta = 0
+        return min(max(x_prev / math.sqrt(a_0), -clip), clip)  # last step: eps = 0, clipped x0
+
+    start = [-4.9, 0.01, -0.003]  # predicted x0: 15.7 and 788 (clipped to 2), -0.47 (inside)
+    out = DDPM_OBJECTIVE.sample(net, torch.tensor(start).view(1, 1, 1, 3), sampler="ddim", steps=2, clip_x0=clip)
+    expected = [by_hand(x, recompute=True) for x in start]
+    assert out.flatten().tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert abs(by_hand(-4.9, recompute=False) - expected[0]) > 1e-4  # the eps recomputation is what is pinned
+    assert abs(expected[0]) < clip  # so the final clip does not hide it
+
+
+# --- dopri5 and the number of function evaluations ------------------------------------------------------------
+
+
+def test_dopri5_matches_the_exact_solution_and_counts_its_evaluations() -> None:
+    # v(x, t) = t - x (t = net time / 999): x(t) = t - 1 + (x(0) + 1) e^-t, so x(1) = (noise + 1) / e.
+    from immiscible_cli.sampling import CountingNet
+
+    calls = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(1)
+        return (t / 999).view(-1, 1, 1, 1) - x
+
+    noise = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    counting = CountingNet(net)
+    out = FLOW_OBJECTIVE.sample(counting, noise, sampler="dopri5", steps=1)  # steps is ignored
+    torch.testing.assert_close(out, (noise + 1) / math.e, atol=1e-4, rtol=0)
+    assert counting.calls == len(calls) > 0
+    tight = FLOW_OBJECTIVE.sample(net, noise, sampler="dopri5", steps=1, atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(tight, (noise + 1) / math.e, atol=1e-6, rtol=0)  # the tolerances reach the solver
+    assert len(calls) > 2 * counting.calls
+
+
+def test_dopri5_applies_guidance_to_the_velocity() -> None:
+    # LabelScaledNet: cond = x (label + 1), uncond = 4 x; w = 2 gives v = k x with k = 4 + 2 (label + 1 - 4).
+    labels = torch.tensor([0, 2])
+    out = FLOW_OBJECTIVE.sample(LabelScaledNet(), torch.ones(2, 1, 2, 2), sampler="dopri5", steps=1,
+                                labels=labels, guidance=2.0)
+    expected = torch.tensor([math.exp(-2.0), math.exp(2.0)]).view(-1, 1, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("objective, sampler, nfe", [
+    (DDPM_OBJECTIVE, "ddim", 7), (DDPM_OBJECTIVE, "ddpm", 7), (FLOW_OBJECTIVE, "euler", 7),
+    (FLOW_OBJECTIVE, "heun", 13),
+])
+def test_counting_net_counts_one_call_per_guided_prediction(objective: DDPM | Flow, sampler: str, nfe: int) -> None:
+    from immiscible_cli.sampling import CountingNet
+
+    counting = CountingNet(LabelScaledNet())
+    assert counting.num_classes == 3  # guidance finds the null label through the wrapper
+    objective.sample(counting, torch.ones(2, 1, 2, 2), sampler=sampler, steps=7, labels=torch.tensor([0, 1]),
+                     guidance=2.0, randn=torch.zeros_like)
+    assert counting.calls == counting.net.calls == nfe
+    counting.reset()
+    assert counting.calls == 0
+
+
+def test_dopri5_without_torchdiffeq_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "torchdiffeq", None)  # makes `import torchdiffeq` fail
+    with pytest.raises(ValueError, match="torchdiffeq"):
+        FLOW_OBJECTIVE.sample(linear_net(0.1), torch.ones(1, 1, 2, 2), sampler="dopri5", steps=1)
 
 
 # --- guidance, errors, batch independence -----------------------------------------------------------------------

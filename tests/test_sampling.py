@@ -59,6 +59,90 @@ def test_samples_are_decoded_by_the_assigner(tiny, scale):
     assert torch.equal(images, to_uint8((noise / scale).clamp(-1, 1)))
 
 
+class OutwardEps(torch.nn.Module):
+    """Predicts -4 x: as DDPM's eps, the predicted x0 x (1 + 4 sqrt(1 - abar)) / sqrt(abar) lies far outside the
+    data; as a flow velocity, x(1) = x(0) e^-4."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, labels=None):
+        return -4.0 * x
+
+
+def test_generate_passes_the_sampling_options(tiny, monkeypatch):
+    from immiscible_cli.objectives import DDPM, Flow
+
+    seen = []
+    for cls in (DDPM, Flow):
+        original = cls.sample
+        monkeypatch.setattr(cls, "sample", lambda self, *a, _o=original, **kw: seen.append(kw) or _o(self, *a, **kw))
+    ddpm = load_config("fmnist-knn", tiny + ["assigner.image_scale=2", "sample.ddim_grid=stride",
+                                             "sample.ode_atol=1e-3", "sample.ode_rtol=1e-2"])
+    sampling.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
+    assert (seen[-1]["clip_x0"], seen[-1]["grid"], seen[-1]["atol"], seen[-1]["rtol"]) == (2.0, "stride", 1e-3, 1e-2)
+    ddpm.sample.clip_x0 = False
+    sampling.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
+    assert seen[-1]["clip_x0"] is None
+    flow = load_config("quickstart", tiny + ["sample.ode_atol=1e-5", "sample.ode_rtol=1e-6"])
+    sampling.generate(ZeroVelocity(), flow, [0], sampler="dopri5", steps=2)
+    assert (seen[-1]["atol"], seen[-1]["rtol"], seen[-1]["clip_x0"]) == (1e-5, 1e-6, 1.0)  # flow ignores the clip
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact DDPM eps for data that is always `point` (model space): eps = (x - sqrt(abar) point) / sqrt(1 - abar)."""
+
+    def __init__(self, point, alpha_bar):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.point, self.alpha_bar = point, alpha_bar
+
+    def forward(self, x, t, labels=None):
+        abar = self.alpha_bar[t.long()].view(-1, 1, 1, 1)
+        return ((x.double() - abar.sqrt() * self.point) / (1 - abar).sqrt()).float()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_clip_at_the_image_scale_keeps_decoded_samples_valid(tiny, sampler):
+    # Image scale 2: the data live in [-2, 2] in model space. The clip must be at 2, where it leaves this point
+    # (values up to 1.9) alone; a clip at 1 would flatten every pixel beyond 1 (decoded 0.5, uint8 191).
+    from immiscible_cli.objectives import DDPM
+
+    cfg = load_config("fmnist-knn", tiny + ["assigner.image_scale=2"])
+    assert cfg.sample.clip_x0
+    point = torch.linspace(-1.9, 1.9, 256, dtype=torch.float64).view(1, 1, 16, 16)
+    net = PointMassEps(point, DDPM(cfg.objective).alpha_bar)
+    images = sampling.generate(net, cfg, [0, 1], sampler=sampler, steps=3)
+    expected = to_uint8((point / 2).float()).expand_as(images)
+    assert (images.int() - expected.int()).abs().max() <= 1  # up to a rounding flip at .5
+    assert images.min() <= 7 and images.max() >= 248  # the whole range, none of it clipped away
+
+
+# fmnist-knn samples on tqch's strided grid: arange(0, 1000, 1000 // 3) has 4 entries, so 3 steps cost 4 calls.
+@pytest.mark.parametrize("preset, sampler, per_batch", [("fmnist-knn", "ddim", 4), ("fmnist-knn", "ddpm", 4),
+                                                        ("quickstart", "euler", 3), ("quickstart", "heun", 5),
+                                                        ("quickstart", "dopri5", None)])
+def test_generate_records_the_nfe_of_each_batch(tiny, preset, sampler, per_batch):
+    cfg = load_config(preset, tiny)
+    net = sampling.CountingNet(OutwardEps())  # a cheap analytic net: the counts do not depend on the net
+    nfe = []
+    images = sampling.generate(net, cfg, [0, 1, 2, 3, 4], sampler=sampler, steps=3, batch=2, nfe=nfe)
+    assert images.shape == (5, 1, 16, 16) and len(nfe) == 3  # batches of 2, 2, 1
+    assert sum(nfe) == net.calls  # an outer counter sees the same calls
+    if per_batch is not None:
+        assert nfe == [per_batch] * 3
+    else:
+        assert min(nfe) >= 8  # dopri5: its initial-step probe plus at least one 6-stage step
+
+
+def test_dopri5_through_generate(tiny):
+    cfg = load_config("quickstart", tiny)
+    images = sampling.generate(ZeroVelocity(), cfg, [0, 1], sampler="dopri5", steps=2)
+    noise = sampling.SeededNoise([0, 1], torch.device("cpu")).randn_like(torch.empty(2, 1, 16, 16))
+    assert torch.equal(images, to_uint8(noise.clamp(-1, 1)))  # v = 0: the sample is its noise
+
+
 def test_parse_seeds():
     assert sampling.parse_seeds("0-3", None) == [0, 1, 2, 3]
     assert sampling.parse_seeds("5,1,9", None) == [5, 1, 9]

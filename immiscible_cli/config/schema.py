@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PRESET = "quickstart"
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "dopri5")}
 SamplerName = Literal[tuple(name for names in SAMPLERS.values() for name in names)]  # type: ignore[valid-type]
 
 
@@ -96,6 +96,9 @@ class DDPMObjective(_Section):
 
 class FlowObjective(_Section):
     kind: Literal["flow"] = "flow"
+    net_time_scale: float = Field(999.0, gt=0.0)
+    """The network sees time t in [0, 1] as t * net_time_scale: 999 puts it on DDPM's timestep range (our
+    default), 1.0 shows t itself, as torchcfm's CIFAR-10 code does (the `-fm` presets)."""
 
 
 OBJECTIVE_SECTIONS: dict[str, type[BaseModel]] = {"ddpm": DDPMObjective, "flow": FlowObjective}
@@ -163,6 +166,9 @@ class TrainConfig(_Section):
     """EMA decay per step (used when ema_halflife_kimg is None)."""
     ema_halflife_kimg: float | None = Field(None, gt=0.0)
     """EMA half-life in thousands of images; when set it replaces ema_decay."""
+    ema_warmup: bool = False
+    """EMA warm-up as in tqch/ddpm-torch: the decay at step n is min(decay, (1 + n) / (10 + n)), so early
+    averages are not dominated by the random initialisation."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of dropping the class label (classifier-free guidance); conditional models only."""
     tick_kimg: float = Field(10.0, gt=0.0)
@@ -191,9 +197,20 @@ class SampleConfig(_Section):
     sampler: SamplerName | None = None
     """Sampler; None = the objective's default (ddim for ddpm, euler for flow)."""
     steps: int = Field(50, ge=1)
-    """Sampling steps (network evaluations per image for ddim/ddpm/euler; about twice that for heun)."""
-    eta: float = Field(0.0, ge=0.0)
+    """Sampling steps (network evaluations per image for ddim/ddpm/euler; about twice that for heun; dopri5
+    chooses its own steps)."""
+    eta: float = Field(0.0, ge=0.0, le=1.0)
     """DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like)."""
+    clip_x0: bool = True
+    """DDIM/DDPM: clip the predicted x0 to [-c, c] at every step, c = assigner.image_scale (tqch/ddpm-torch clips
+    to [-1, 1]; with image scaling the data live in [-c, c])."""
+    ddim_grid: Literal["linspace", "stride"] = "linspace"
+    """DDIM/DDPM timesteps for N steps: `linspace` = round(linspace(0, T - 1, N)) (starts at T - 1), `stride` =
+    arange(0, T, T // N) as tqch/ddpm-torch (starts at T - T // N)."""
+    ode_atol: float = Field(1e-4, gt=0.0)
+    """dopri5: absolute tolerance of the adaptive ODE solver (torchcfm's CIFAR-10 value)."""
+    ode_rtol: float = Field(1e-4, gt=0.0)
+    """dopri5: relative tolerance of the adaptive ODE solver (torchcfm's CIFAR-10 value)."""
     guidance: float = Field(1.0, ge=0.0)
     """Classifier-free guidance weight; 1.0 = none."""
     grid_size: int = Field(64, ge=1)

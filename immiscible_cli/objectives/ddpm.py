@@ -4,9 +4,16 @@ Symbols: T steps, beta_t linear from beta_start to beta_end, alpha_t = 1 - beta_
 (timesteps are 0-based: t in [0, T)). The noise is supplied by the caller (the assigner) and is used both to build
 x_t and as the regression target, so a pairing rule changes what the net is trained on consistently.
 
-Samplers run over N timesteps tau_{N-1} > ... > tau_0 spread evenly over [0, T): round(linspace(0, T - 1, N)),
-which starts at T - 1 (the noise level sampling starts from) and ends at 0 (N = 1 uses T - 1 alone). The step from
-tau_0 goes to "abar = 1", i.e. it returns the predicted x0. With N = T both grids are DDPM's own 0..T-1.
+Samplers run over N timesteps tau_{N-1} > ... > tau_0 (`sampling_timesteps`), on one of two grids:
+- "linspace" (default): round(linspace(0, T - 1, N)), which starts at T - 1 (the noise level sampling starts from)
+  and ends at 0 (N = 1 uses T - 1 alone).
+- "stride": tqch/ddpm-torch's arange(0, T, T // N), e.g. 980, 960, ..., 0 for T = 1000, N = 50. Where N does not
+  divide T that arange has more than N entries (31 for N = 30: 990, 957, ..., 0) and, as in tqch, all of them are
+  used, so the network is evaluated more than N times (the FID row records the evaluations).
+The step from tau_0 goes to "abar = 1", i.e. it returns the predicted x0. With N = T both grids are 0..T-1.
+
+`clip_x0 = c` clips the predicted x0 to [-c, c] at every step (tqch/ddpm-torch's clip_denoised, diffusers'
+clip_sample); DDIM then recomputes eps from the clipped x0 so that the step stays on the line through x_t.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from torch import nn
 
 from immiscible_cli.config import SAMPLERS, DDPMObjective
 from immiscible_cli.objectives.guidance import guided_prediction
+
+GRIDS: tuple[str, ...] = ("linspace", "stride")
 
 
 class DDPM:
@@ -61,31 +70,40 @@ class DDPM:
         eps = net(x_t, self.net_time(t), labels)  # [B, C, H, W]
         return (eps.float() - noise.float()).square().flatten(1).mean(dim=1)  # [B]
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        """The N sampler timesteps, descending: round(linspace(0, T - 1, N)) reversed; [T - 1] when N = 1."""
+    def sampling_timesteps(self, steps: int, grid: str = "linspace") -> list[int]:
+        """The N sampler timesteps, descending, on the "linspace" or "stride" grid (see the module docstring)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in [1, {self.T}] for T = {self.T}, got {steps}")
+        if grid == "stride":
+            return list(range(0, self.T, self.T // steps))[::-1]  # T // steps >= 1 because steps <= T
+        if grid != "linspace":
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got '{grid}'")
         if steps == 1:
             return [self.T - 1]
         return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
 
     def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
-               randn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Generate from `noise` [B, C, H, W] ~ N(0, I) to model space (no clipping, no decoding).
+               randn: Callable[[torch.Tensor], torch.Tensor] | None = None, clip_x0: float | None = None,
+               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4) -> torch.Tensor:
+        """Generate from `noise` [B, C, H, W] ~ N(0, I) to model space (no decoding).
 
         sampler "ddim": Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta in [0, 1]; eta = 0 is deterministic).
         sampler "ddpm": ancestral sampling (Ho et al. 2020, Algorithm 2) on the respaced schedule, with the posterior
         variance beta-tilde (Eq. 7). `randn(like)` returns fresh per-image-seeded noise shaped like x; it is called
         once per stochastic step, in step order, always with the full batch. Classifier-free guidance applies when
-        labels are given and guidance != 1.
+        labels are given and guidance != 1. `clip_x0 = c` clips the predicted x0 to [-c, c] at every step (None:
+        no clipping); `grid` picks the timesteps. `atol` and `rtol` (flow ODE tolerances) are accepted for the
+        uniform interface and not used.
         """
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' does not go with the ddpm objective "
                              f"(accepted: {', '.join(self.samplers)})")
         if sampler == "ddim" and not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
-        taus = self.sampling_timesteps(steps)
+        if clip_x0 is not None and not clip_x0 > 0.0:
+            raise ValueError(f"clip_x0 must be positive (or None for no clipping), got {clip_x0}")
+        taus = self.sampling_timesteps(steps, grid)
         stochastic = (sampler == "ddpm" or eta > 0.0) and len(taus) > 1
         if stochastic and randn is None:
             raise ValueError(f"sampler '{sampler}' with eta={eta} needs `randn` for its fresh noise")
@@ -96,7 +114,11 @@ class DDPM:
             abar_prev = self._alpha_bar_values[taus[i + 1]] if i + 1 < len(taus) else 1.0
             t_net = self.net_time(torch.full((x.shape[0],), tau, dtype=torch.long, device=x.device))  # [B]
             eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
-            x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
+            x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0", [B, C, H, W]
+            if clip_x0 is not None:
+                x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
+                # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree with it.
+                eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
             if sampler == "ddim":
                 # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
                 sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
@@ -104,11 +126,12 @@ class DDPM:
                 if sigma > 0.0:
                     x = x + sigma * randn(x)
             else:
-                # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; posterior of Eq. 6-7.
+                # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; posterior of Eq. 6-7
+                # (its mean takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
                 alpha = abar / abar_prev
                 beta = 1.0 - alpha
                 mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
-                        + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)
+                        + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
                 variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
                 x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
         return x

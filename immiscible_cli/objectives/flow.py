@@ -4,13 +4,19 @@ Symbols of the flow papers (Liu et al. 2023, rectified flow, Eq. 1; Tong et al. 
 x_t = t x1 + (1 - t) x0 with x0 the NOISE and x1 the DATA, target velocity x1 - x0, t ~ U[0, 1]. Because "x0"
 means the clean image everywhere else in this package (and in the DDPM file), this file never says x0 or x1: it
 says `data` and `noise`. The noise is supplied by the caller (the assigner) and is used both to build x_t and in
-the target.
+the target. The network sees t as t * `objective.net_time_scale` (999 by default; torchcfm shows t itself, 1.0).
 
-Samplers integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on the uniform grid t_i = i / N:
-- "euler": N steps, N network evaluations.
-- "heun": Heun's 2nd-order method as in EDM (Karras et al. 2022, Algorithm 1): the correction is skipped on the
-  final step, which is a plain Euler step into t = 1, so 2N - 1 evaluations. Why: the net is never evaluated at
-  t = 1 exactly, where the ideal velocity of a low-entropy data distribution is singular ((x1 - x) / (1 - t)).
+Samplers integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data):
+- "euler": N steps on the uniform grid t_i = i / N, N network evaluations.
+- "heun": Heun's 2nd-order method as in EDM (Karras et al. 2022, Algorithm 1) on the same grid: the correction is
+  skipped on the final step, which is a plain Euler step into t = 1, so 2N - 1 evaluations. Why: the net is never
+  evaluated at t = 1 exactly, where the ideal velocity of a low-entropy data distribution is singular
+  ((x1 - x) / (1 - t)).
+- "dopri5": adaptive Dormand-Prince 5(4) from torchdiffeq with tolerances atol / rtol, as torchcfm's CIFAR-10
+  sampler (`odeint(..., t_span=[0, 1], method="dopri5")`); it chooses its own steps (N is ignored). Its step sizes
+  come from an error norm over the whole batch, so an image depends on its batch by up to the solver's error
+  (unlike the fixed-grid samplers). Like torchcfm's, its last step may pass t = 1 (the net is then evaluated at
+  t slightly above 1) and the solution at t = 1 is read off its dense-output interpolant.
 """
 
 from __future__ import annotations
@@ -22,10 +28,6 @@ from torch import nn
 
 from immiscible_cli.config import SAMPLERS, FlowObjective
 from immiscible_cli.objectives.guidance import guided_prediction
-
-# t in [0, 1] is shown to the net as 999 t: the same [0, 999] range as DDPM's integer timesteps, where the
-# sinusoidal embedding's frequencies (periods up to 10^4 time units) separate nearby times well.
-NET_TIME_SCALE = 999.0
 
 
 class Flow:
@@ -42,8 +44,10 @@ class Flow:
         return t.to(device)
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The time the net sees: 999 t in [0, 999] (float32), the scale DDPM's timesteps have."""
-        return t.to(torch.float32) * NET_TIME_SCALE
+        """The time the net sees: t * net_time_scale (float32). 999 puts t on DDPM's timestep range, where the
+        sinusoidal embedding's frequencies (periods up to 10^4 time units) separate nearby times well; torchcfm
+        shows t in [0, 1] itself (scale 1.0)."""
+        return t.to(torch.float32) * self.cfg.net_time_scale
 
     def loss(self, net: Callable[..., torch.Tensor], data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, /,
              labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,31 +63,49 @@ class Flow:
 
     def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
-               randn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+               randn: Callable[[torch.Tensor], torch.Tensor] | None = None, clip_x0: float | None = None,
+               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4) -> torch.Tensor:
         """Integrate from `noise` [B, C, H, W] at t = 0 to model space at t = 1 (no clipping, no decoding).
 
-        Deterministic ODE samplers: `eta` and `randn` are accepted for a uniform interface and not used.
+        Deterministic ODE samplers: `eta`, `randn`, `clip_x0` and `grid` (DDPM options) are accepted for a uniform
+        interface and not used; `atol` and `rtol` are dopri5's tolerances, `steps` is ignored by dopri5.
         Classifier-free guidance applies to the velocity when labels are given and guidance != 1.
         """
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' does not go with the flow objective "
                              f"(accepted: {', '.join(self.samplers)})")
+
+        def velocity(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+            t_batch = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [B]
+            return guided_prediction(net, x, self.net_time(t_batch), labels, guidance).to(x.dtype)  # [B, C, H, W]
+
+        if sampler == "dopri5":
+            return self._dopri5(velocity, noise, atol, rtol)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        grid = [i / steps for i in range(steps + 1)]  # t_0 = 0 (noise) ... t_N = 1 (data)
-
-        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            t_net = self.net_time(torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))  # [B]
-            return guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
-
+        times = [i / steps for i in range(steps + 1)]  # t_0 = 0 (noise) ... t_N = 1 (data)
         x = noise  # [B, C, H, W]
         for i in range(steps):
-            t_cur, t_next = grid[i], grid[i + 1]
+            t_cur, t_next = times[i], times[i + 1]
             h = t_next - t_cur
-            v_cur = velocity(x, t_cur)
-            x_euler = x + h * v_cur
+            v_cur = velocity(x, t_cur)  # [B, C, H, W]
+            x_euler = x + h * v_cur  # [B, C, H, W]
             if sampler == "euler" or i == steps - 1:  # Heun's last step is Euler (see module docstring)
                 x = x_euler
             else:
                 x = x + 0.5 * h * (v_cur + velocity(x_euler, t_next))  # trapezoidal correction
         return x
+
+    @staticmethod
+    def _dopri5(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                atol: float, rtol: float) -> torch.Tensor:
+        """x(1) of dx/dt = velocity(x, t), x(0) = noise [B, C, H, W], by torchdiffeq's adaptive dopri5."""
+        try:
+            from torchdiffeq import odeint  # lazy: only this sampler needs it
+        except ImportError as error:
+            raise ValueError("sampler 'dopri5' needs the torchdiffeq package (pip install 'torchdiffeq>=0.2.3'); "
+                             "or use sampler 'euler' or 'heun'") from error
+        t_span = torch.tensor([0.0, 1.0], device=noise.device)  # [2]: noise at 0, data at 1
+        # torchdiffeq calls func(t, x) with a 0-d time tensor; odeint returns x at every time of t_span.
+        trajectory = odeint(lambda t, x: velocity(x, t), noise, t_span, method="dopri5", atol=atol, rtol=rtol)
+        return trajectory[-1]  # [B, C, H, W]
