@@ -3,15 +3,20 @@
 Data flow of one step: batch x0 -> assigner(x0, generator) -> (x0', noise) -> t = objective.sample_t
 -> per-sample loss = objective.loss(net, x0', noise, t) -> mean -> backward -> clip -> Adam -> EMA.
 
-Every random draw of a step comes from one seeded generator on the training device (data flips, noise, timesteps,
-label dropout) or from torch's seeded global generators (dropout); all of them, the data position, the optimizer
-and both networks are in each snapshot, so a resumed run on the CPU is bit-identical to an uninterrupted one.
+Random streams (common random numbers): every purpose draws from its own generator, seeded from (run seed,
+purpose): data flips, timesteps, noise (the assigner's candidates), label dropout, and dropout (torch's global
+generators, reseeded after the weights are initialised from the run seed). The data order is a seeded permutation
+per epoch. So two runs with the same seed and different assigners train on the same images in the same order, with
+the same flips, timesteps and dropout masks; only the noise differs, which makes their FID difference far less
+noisy than two independent runs. Every stream's state, the data position, the optimizer and both networks are in
+each snapshot, so a resumed run on the CPU is bit-identical to an uninterrupted one.
 On CUDA the step has no host synchronisation: loss sums and the non-finite check stay on the device until a tick.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,6 +33,14 @@ from .networks import build_network, pick_device
 from .objectives import build_objective
 from .sampling import generate
 from .train_report import Reporter
+
+
+STREAMS = ("flips", "timesteps", "noise", "labels")  # one generator each, on the training device
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose's random stream, derived from the run seed (sha256 of "seed:purpose")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "big") >> 1
 
 
 class Scorer(Protocol):
@@ -51,8 +64,9 @@ class TrainingLoop:
         self.cfg, self.run, self.device, self.scorer = cfg, run, device, scorer
         self.fid_sink = fid_sink or (lambda row: None)
         t = cfg.train
-        torch.manual_seed(cfg.seed)  # weights init and dropout draw from torch's global generators
+        torch.manual_seed(cfg.seed)  # weights init from the run seed ...
         self.net = build_network(cfg).to(device).train()
+        torch.manual_seed(stream_seed(cfg.seed, "dropout"))  # ... then dropout draws from its own stream
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.forward = torch.compile(self.net) if t.compile else self.net
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -60,7 +74,8 @@ class TrainingLoop:
         optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(self.net.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
                                    **({"fused": True} if device.type == "cuda" else {}))
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.generators = {name: torch.Generator(device).manual_seed(stream_seed(cfg.seed, name))
+                           for name in STREAMS}
         resident = cfg.data.gpu_resident and fits_on_gpu(data, device)
         self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident)
         self.meter = PairingMeter(device)
@@ -68,6 +83,7 @@ class TrainingLoop:
         self.ema_params = [p for p in self.ema.parameters()]
         halflife = t.ema_halflife_kimg
         self.ema_beta = 0.5 ** (t.batch_size / (halflife * 1000)) if halflife else t.ema_decay
+        self.ema_warmup = t.ema_warmup
         self.step, self.nimg, self.train_s, self.tick_step = 0, 0, 0.0, 0
         self.loss_sum = torch.zeros((), device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -81,15 +97,19 @@ class TrainingLoop:
         warmup = self.cfg.train.warmup_kimg * 1000
         return self.cfg.train.lr * (min(1.0, nimg / warmup) if warmup > 0 else 1.0)
 
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay of update number `step` (1-based); with warm-up min(decay, (1 + n) / (10 + n)) (tqch)."""
+        return min(self.ema_beta, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_beta
+
     def train_step(self) -> None:
-        cfg, g = self.cfg, self.generator
-        x0, labels = self.stream.next(g)                                       # [B, C, H, W], [B]
-        x0, noise = self.meter.pair(x0, cfg.assigner, g)                       # pairing before t is drawn
-        t = self.objective.sample_t(x0.shape[0], g, self.device)               # [B]
+        cfg, g = self.cfg, self.generators
+        x0, labels = self.stream.next(g["flips"])                              # [B, C, H, W], [B]
+        x0, noise = self.meter.pair(x0, cfg.assigner, g["noise"])              # pairing before t is drawn
+        t = self.objective.sample_t(x0.shape[0], g["timesteps"], self.device)  # [B]
         if cfg.model.num_classes is None:
             labels = None
         elif cfg.train.label_dropout > 0:  # classifier-free guidance: the null label is num_classes
-            drop = torch.rand(labels.shape, generator=g, device=self.device) < cfg.train.label_dropout
+            drop = torch.rand(labels.shape, generator=g["labels"], device=self.device) < cfg.train.label_dropout
             labels = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels)
         loss = self.objective.loss(self.net_fn, x0, noise, t, labels).mean()  # per-sample -> batch mean
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,8 +120,8 @@ class TrainingLoop:
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip, foreach=True)
         self.optimizer.step()
-        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_beta)
         self.step += 1
+        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
         loss = loss.detach()
         self.loss_sum += loss
         bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
@@ -113,7 +133,7 @@ class TrainingLoop:
             "kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, "train_s": self.train_s,
             "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state(),
+            "rng": {**{name: g.get_state() for name, g in self.generators.items()}, "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "data": self.stream.state_dict(),
         }
@@ -122,7 +142,11 @@ class TrainingLoop:
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["rng"]["train"].cpu())
+        if not all(name in state["rng"] for name in STREAMS):
+            raise checkpoint.CheckpointError(f"{self.run.path}: this checkpoint has one random stream (immiscible "
+                                             f"0.1); finish the run with 0.1 or start it again")
+        for name, g in self.generators.items():
+            g.set_state(state["rng"][name].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
@@ -142,10 +166,11 @@ class TrainingLoop:
         return path
 
     # --- the loop ------------------------------------------------------------------------------------------------
-    def run_loop(self, reporter: Reporter) -> None:
+    def run_loop(self, reporter: Reporter, scored_kimg: frozenset[float] = frozenset()) -> None:
         """Train to total_kimg. Ticks, snapshots and FID points fall on multiples of their intervals (in images);
         the end of training is always a tick and a snapshot. Every stop is a tick, so train_s excludes exactly the
-        time spent in snapshots and FID."""
+        time spent in snapshots and FID. A run resumed from a snapshot whose FID point is missing from
+        `scored_kimg` (the process died while scoring it) scores it first."""
         t = self.cfg.train
         total = round(t.total_kimg * 1000)
         interval = {"tick": round(t.tick_kimg * 1000), "snapshot": round(t.snapshot_kimg * 1000),
@@ -155,6 +180,9 @@ class TrainingLoop:
             n = interval[name]
             return n > 0 and self.nimg // n > before // n
 
+        owed = interval["fid"] > 0 and self.nimg > 0 and self.nimg % interval["fid"] == 0
+        if owed and round(self.nimg / 1000, 6) not in scored_kimg:
+            self.fid_point(reporter)
         tick_start, tick_nimg = time.perf_counter(), self.nimg
         while self.nimg < total:
             before = self.nimg
@@ -172,12 +200,15 @@ class TrainingLoop:
             if snapshot:
                 reporter.note(f"snapshot {self.snapshot().name}")
             if fid:
-                row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
-                                        progress=reporter.bars)
-                self.fid_sink(row)
-                reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "
-                              f"{row['seconds']:.0f} s)")
+                self.fid_point(reporter)
             tick_start, tick_nimg = time.perf_counter(), self.nimg
+
+    def fid_point(self, reporter: Reporter) -> None:
+        row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
+                                progress=reporter.bars)
+        self.fid_sink(row)
+        reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "
+                      f"{row['seconds']:.0f} s)")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -219,7 +250,7 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
     """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
     run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed). `scorer`, when given,
     makes an FID point every cfg.eval.every_kimg; its rows go to the run's fid.jsonl."""
-    from .metrics.scorer import append_fid_row
+    from .metrics.scorer import append_fid_row, read_fid_rows
 
     device = pick_device(cfg.train.device)
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
@@ -233,7 +264,7 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
         loop = TrainingLoop(cfg, run, data, device, scorer, fid_sink=lambda row: append_fid_row(run, row))
         with Reporter(run, cfg, console) as reporter:
             _restore(loop, run, reporter)
-            loop.run_loop(reporter)
+            loop.run_loop(reporter, frozenset(round(float(r["kimg"]), 6) for r in read_fid_rows(run)))
     return run
 
 
