@@ -10,7 +10,9 @@ and turned into features that only update running sums, so 50k images cost the m
 A fid.jsonl row:
     kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
     reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
-    ema (bool), weights {"source", "sha256", "dtype"}, seconds (scoring time),
+    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol", "image_scale"} (every other field that changes
+    the samples; null where the sampler does not use it), ema (bool), weights {"source", "sha256", "dtype"},
+    nfe (network evaluations per image, mean over batches), seconds (scoring time),
     train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
 """
 
@@ -32,7 +34,7 @@ from .reference import ReferenceKey, cleanfid_reference, reference_stats
 from .stats import FeatureStats, compute_kid, frechet_distance
 
 # The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
-FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "ema", "weights")
+FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights")
 REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
 
 
@@ -117,17 +119,19 @@ class FIDScorer:
         """The part of a row that must match for FIDs to be comparable (FID_SETTINGS)."""
         w = self.extractor.weights
         return {"num_images": self.num_images, "mode": self.mode, "reference": self.ref_info,
-                "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance, "ema": ema,
+                "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance,
+                "sampling": sampling_settings(self.cfg, self.sampler), "ema": ema,
                 "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype}}
 
-    def generated(self, net: torch.nn.Module) -> Iterator[torch.Tensor]:
-        """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time."""
+    def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
+        """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
+        evaluations of each batch are appended to `nfe`."""
         from ..sampling import generate
 
         for first in range(0, self.num_images, self.batch):
             seeds = list(range(first, min(first + self.batch, self.num_images)))
             yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,
-                           guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device)
+                           guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device, nfe=nfe)
 
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float, ema: bool = True,
               progress: Progress | None = None) -> dict[str, Any]:
@@ -136,12 +140,13 @@ class FIDScorer:
         was_training = net.training
         net.eval()
         report = (lambda done: progress(done, self.num_images, "FID")) if progress else None
+        nfe: list[int] = []
         try:
-            stats = self.extractor.stats(self.generated(net), report, keep_features=self.kid)
+            stats = self.extractor.stats(self.generated(net, nfe), report, keep_features=self.kid)
         finally:
             net.train(was_training)
         fid = frechet_distance(*stats.mean_cov(), self.ref_mu, self.ref_sigma)
-        row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema)}
+        row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema), "nfe": sum(nfe) / len(nfe)}
         if self.kid:
             row["kid"] = self._kid(stats)
         return {**row, "seconds": time.perf_counter() - start, "train_s": train_s, "time": time.time()}
@@ -151,6 +156,15 @@ class FIDScorer:
         if self._real_features is None:
             self._real_features = self.extractor.features(self._real_batches())
         return compute_kid(stats.features(), self._real_features)
+
+
+def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
+    """The sampling fields besides sampler, steps and guidance that change the images: those the sampler uses,
+    null for the others (so changing, say, eta does not split a flow run's FID curve)."""
+    s, ddpm = cfg.sample, cfg.objective.kind == "ddpm"
+    return {"eta": s.eta if sampler == "ddim" else None, "clip_x0": s.clip_x0 if ddpm else None,
+            "ddim_grid": s.ddim_grid if ddpm else None, "ode_atol": s.ode_atol if sampler == "dopri5" else None,
+            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None, "image_scale": cfg.assigner.image_scale}
 
 
 def training_scorer(cfg: Config, device: torch.device, *, inception: Path | str | None = None,
