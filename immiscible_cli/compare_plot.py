@@ -1,98 +1,18 @@
-"""How a comparison is shown: the rich table, the CSV text and the two-panel PNG figure of `immiscible compare`.
+"""The two-panel PNG figure of `immiscible compare`: FID against training images and against training time.
 
-compare.py computes the rows (one dict per run or seed group, the same dicts the JSON output holds); this module only
-formats them, so the numbers in the table, the CSV, the JSON and the plot are the same numbers.
+compare.py computes the rows (one dict per run or seed group, the same dicts the JSON output holds) and hands each
+run's or group's curve here as a `PlotLine`, so the plot shows the numbers of the table, the CSV and the JSON (those
+are formatted by compare_table.py). A seed group is drawn as its mean curve with a ± std band and, thin and faint,
+each seed's own curve.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from .console import show_table
 from .files import write_atomic
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the table and the CSV
-
-
-def _kimg_text(kimg: float) -> str:
-    return f"{kimg:,.0f}" if kimg >= 100 else f"{kimg:.3g}"
-
-
-def _fid_text(fid: float, std: float | None = None, interpolated: bool = False) -> str:
-    return f"{fid:.2f}" + (f" ± {std:.2f}" if std is not None else "") + ("*" if interpolated else "")
-
-
-def _speedup_text(row: dict[str, Any], key: str) -> str:
-    if row["kimg_to_target"] is None:
-        return "not reached"
-    return "n/a" if row[key] is None else f"{row[key]:.2f}x"  # n/a: the baseline never reached it, or no train_s
-
-
-def print_table(document: dict[str, Any], out: Console) -> None:
-    """The comparison as a rich table on `out`, with footnotes saying how to read it."""
-    rows, target = document["runs"], document["target"]
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
-    for header in ["run", "assigner", "objective", "batch", "n", "kimg", "best FID @ kimg", "final FID",
-                   *(f"FID @ {_kimg_text(p['kimg'])} kimg" for p in rows[0]["fid_at_kimg"]),
-                   f"kimg to FID {target:.2f}", "speed-up", "speed-up (time)"]:
-        table.add_column(header, justify="left" if header in ("run", "assigner", "objective") else "right")
-    for row in rows:
-        cells = [row["run"], row["assigner"], str(row["objective"]), str(row["batch_size"]), str(row["n_seeds"]),
-                 _kimg_text(row["kimg_trained"]),
-                 f"{_fid_text(row['best_fid'], row['best_fid_std'])} @ {_kimg_text(row['best_kimg'])}",
-                 _fid_text(row["final_fid"], row["final_fid_std"]),
-                 *(_fid_text(p["fid"], p["fid_std"], p["interpolated"]) for p in row["fid_at_kimg"]),
-                 "not reached" if row["kimg_to_target"] is None
-                 else _kimg_text(row["kimg_to_target"]) + ("†" if row["target_at_first_point"] else ""),
-                 _speedup_text(row, "speedup"), _speedup_text(row, "speedup_wallclock")]
-        table.add_row(*(Text(cell) for cell in cells))  # Text: run names are never read as rich markup
-    show_table(out, table)
-    source = "the baseline's best FID" if document["target_source"] != "--target" else "--target"
-    notes = [f"target FID {target:.2f} ({source}); baseline {document['baseline']}; speed-up = baseline kimg to the "
-             f"target / this run's kimg, interpolated between FID points, never extrapolated; time = training "
-             f"seconds, FID time excluded"]
-    if any(p["interpolated"] for row in rows for p in row["fid_at_kimg"]):
-        notes.append("* interpolated between the run's two nearest FID points")
-    if any(row["target_at_first_point"] for row in rows):
-        notes.append("† already at or below the target at its first FID point: it may have got there earlier "
-                     "(nothing is extrapolated)")
-    if any(row["n_seeds"] > 1 for row in rows):
-        notes.append("n > 1: runs that differ only in their seed; mean ± std over seeds, speed-up from the mean "
-                     "curve")
-    for note in notes:
-        out.print(note, markup=False, highlight=False)
-
-
-def csv_text(document: dict[str, Any]) -> str:
-    """The table as CSV: one header line, one line per run or seed group, plain numbers (empty = none)."""
-    rows = document["runs"]
-    shared = [f"fid_at_{p['kimg']:g}kimg" for p in rows[0]["fid_at_kimg"]]
-    header = ["run", "assigner", "objective", "batch_size", "n_seeds", "kimg_trained", "best_fid", "best_fid_std",
-              "best_kimg", "final_fid", "final_fid_std", *shared, "target_fid", "kimg_to_target",
-              "seconds_to_target", "speedup", "speedup_wallclock"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        values = {**row, **{name: p["fid"] for name, p in zip(shared, row["fid_at_kimg"])},
-                  "target_fid": document["target"]}
-        writer.writerow([values[key] for key in header])
-    return buffer.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the figure
 
 
 @dataclass
@@ -106,6 +26,7 @@ class PlotLine:
     train_s: list[float | None]
     kimg_to_target: float | None
     seconds_to_target: float | None
+    seeds: list[tuple[list[float], list[float]]] = field(default_factory=list)  # each seed's (kimg, fid), groups
 
 
 def _time_unit(longest_s: float) -> tuple[str, float]:
@@ -133,6 +54,8 @@ def write_plot(path: Path, lines: list[PlotLine], target: float, baseline: str) 
         timed = [(s / seconds_per_unit, f, d) for s, f, d in zip(line.train_s, line.fid, std) if s is not None]
         panels = [(by_kimg, list(zip(line.kimg, line.fid, std)), line.kimg_to_target, 1.0),
                   (by_time, timed, line.seconds_to_target, seconds_per_unit)]
+        for kimg, fid in line.seeds:  # thin and faint under the mean curve
+            by_kimg.plot(kimg, fid, color=color, linewidth=0.7, alpha=0.45)
         for axes, points, crossing, scale in panels:
             if not points:
                 continue  # no training seconds recorded: this run is missing from the time panel only

@@ -1,5 +1,6 @@
-"""`immiscible compare`: target crossing and speed-up (exact, on tiny synthetic runs), seed groups, FID-settings
-checks, the JSON / CSV / table outputs, the PNG plot, and the user errors (exit 2, one line, no traceback)."""
+"""`immiscible compare`: target crossing and speed-up (exact, on tiny synthetic runs), the FID points bracketing each
+crossing, seed groups, FID-settings checks, the JSON / CSV / table outputs, the PNG plot, and the user errors (exit 2,
+one line, no traceback). Per-seed speed-ups are in test_compare_seeds.py; the fake runs in compare_fakes.py."""
 
 from __future__ import annotations
 
@@ -9,58 +10,14 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
+from compare_fakes import SETTINGS, as_json, invoke, make_run
 from rich.console import Console
-from typer.testing import CliRunner
 
 from immiscible_cli import compare
-from immiscible_cli.cli import app
-from immiscible_cli.compare import (CompareError, Curve, kimg_to_reach, mean_curve, shared_kimg_points, speedup,
-                                    value_at)
-from immiscible_cli.config import Config
-
-SETTINGS: dict[str, Any] = {
-    "num_images": 10000, "mode": "clean", "sampler": "euler", "steps": 50, "guidance": 1.0, "ema": True,
-    "reference": {"name": "embedded", "split": "train", "num_images": 10000, "mode": "clean", "weights_sha256": "a" * 64},
-    "weights": {"source": "bundled", "sha256": "b" * 64, "dtype": "float32"},
-}
-
-
-def make_run(root: Path, dirname: str, points: list[tuple[float, float]], *, assigner: dict | None = None,
-             seed: int = 0, seconds_per_kimg: float | None = 10.0, settings: dict | None = None,
-             extra_rows: list[dict] = (), batch_size: int = 128) -> Path:
-    """A run directory as the trainer writes it, with FID (kimg, fid) points; train_s = kimg * seconds_per_kimg."""
-    path = root / dirname
-    path.mkdir()
-    config = Config.model_validate({"name": dirname.split("-", 1)[1], "seed": seed, "objective": {"kind": "flow"},
-                                    "assigner": assigner or {"name": "vanilla"}, "train": {"batch_size": batch_size}})
-    (path / "config.yaml").write_text(config.to_yaml())
-    (path / "meta.json").write_text("{}")
-    last = max(k for k, _ in points)
-    ticks = [{"kimg": k, "step": int(k * 1000 / batch_size), "loss": 0.1, "lr": 2e-4, "img_per_s": 100.0,
-              "assign_ms": 0.1, "pair_dist": 1.0, "pair_dist_reduction": 0.02, "noise_sqnorm": 1.0,
-              "train_s": k * (seconds_per_kimg or 10.0), "peak_mem_mib": 10.0, "time": "t"}
-             for k in range(10, int(last) + 11, 10)]  # the trainer ticks a little past the last FID point
-    (path / "metrics.jsonl").write_text("".join(json.dumps(t) + "\n" for t in ticks))
-    rows = [{"kimg": k, "step": 0, "fid": fid, **(settings or SETTINGS), "seconds": 1.0,
-             "train_s": None if seconds_per_kimg is None else k * seconds_per_kimg, "time": "t"}
-            for k, fid in points]
-    (path / "fid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows]))
-    return path
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, ["compare", *map(str, args)])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def as_json(*args: str) -> dict[str, Any]:
-    result = invoke(*args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)  # the whole of stdout is one JSON document
+from immiscible_cli.compare import (CompareError, Curve, crossing, kimg_to_reach, mean_curve, shared_kimg_points,
+                                    speedup, value_at)
 
 
 @pytest.fixture
@@ -83,6 +40,18 @@ def test_kimg_to_reach_interpolates_at_the_first_crossing_and_never_extrapolates
     assert kimg_to_reach(curve, 6.0) is None  # not reached
     assert kimg_to_reach(curve, 25.0) == 10.0  # first point already below: its kimg, not a guess towards 0
     assert kimg_to_reach([], 5.0) is None
+
+
+def test_crossing_reports_the_fid_points_either_side() -> None:
+    curve = [(10, 20.0), (30, 12.0), (50, 8.0)]
+    found = crossing(curve, 10.0)
+    assert (found.kimg, found.before, found.after) == (40.0, (30, 12.0), (50, 8.0))
+    assert found.bracket() == {"before": {"kimg": 30, "fid": 12.0}, "after": {"kimg": 50, "fid": 8.0}}
+    on_point = crossing(curve, 12.0)  # exactly on a point: that point is the one after, the previous one before it
+    assert (on_point.kimg, on_point.before, on_point.after) == (30.0, (10, 20.0), (30, 12.0))
+    first = crossing(curve, 25.0)  # nothing was measured before the first point
+    assert first.at_first_point and first.bracket() == {"before": None, "after": {"kimg": 10, "fid": 20.0}}
+    assert crossing(curve, 7.0) is None
 
 
 def test_value_at_speedup_and_shared_points() -> None:
@@ -149,6 +118,21 @@ def test_default_target_is_the_baseline_best_and_not_reached_is_null(pair: tuple
     assert all(r["speedup"] is None for r in json.loads(unreachable.stdout)["runs"])
 
 
+def test_brackets_of_each_crossing_in_json_table_and_csv(pair: tuple[Path, Path]) -> None:
+    base, knn = pair
+    first, second = as_json(base, knn, "--target", "10")["runs"]
+    assert first["target_bracket"] == {"before": {"kimg": 30.0, "fid": 12.0}, "after": {"kimg": 50.0, "fid": 8.0}}
+    assert second["target_bracket"] == {"before": {"kimg": 10.0, "fid": 14.0}, "after": {"kimg": 30.0, "fid": 6.0}}
+    assert as_json(base, knn, "--target", "5.5")["runs"][0]["target_bracket"] is None  # not reached: no bracket
+    table = invoke(base, knn, "--target", "10").stdout
+    assert "40 (between 30: 12.00 and 50: 8.00)" in table and "20 (between 10: 14.00 and 30: 6.00)" in table
+    assert "10† (first point: 14.00)" in invoke(base, knn, "--target", "15").stdout
+    rows = list(csv.DictReader(io.StringIO(invoke(base, knn, "--csv", "--target", "10").stdout)))
+    assert [rows[1][f"target_{k}"] for k in ("before_kimg", "before_fid", "after_kimg", "after_fid")] == \
+        ["10.0", "14.0", "30.0", "6.0"]
+    assert rows[1]["baseline_before_kimg"] == "30.0" and rows[1]["baseline_after_fid"] == "8.0"
+
+
 def test_baseline_option_picks_the_reference_and_is_added_when_missing(pair: tuple[Path, Path]) -> None:
     base, knn = pair
     document = as_json(base, knn, "--baseline", knn, "--target", "10")
@@ -210,6 +194,8 @@ def test_json_schema(pair: tuple[Path, Path]) -> None:
         for key, kind in types.items():
             assert isinstance(row[key], kind), (key, row[key])
     assert [r["assigner"] for r in document["runs"]] == ["vanilla", "knn k=8"]
+    assert all(r["seeds"] is None for r in document["runs"])  # single runs: no per-seed block
+    assert [r["member_seeds"] for r in document["runs"]] == [[0], [0]]
 
 
 def test_csv_has_a_header_and_one_row_per_run(pair: tuple[Path, Path]) -> None:
@@ -218,6 +204,7 @@ def test_csv_has_a_header_and_one_row_per_run(pair: tuple[Path, Path]) -> None:
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [r["run"] for r in rows] == ["00001-vanilla", "00002-knn"]
     assert float(rows[1]["speedup"]) == 2.0 and rows[0]["best_fid_std"] == ""
+    assert [r["kind"] for r in rows] == ["group", "group"] and rows[1]["seed_median_speedup"] == ""
 
 
 def test_table_marks_interpolated_values_and_labels_assigners(tmp_path: Path) -> None:
