@@ -268,6 +268,50 @@ def compare(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# study
+
+
+@app.command(epilog=examples(
+    "what would run, what is done, and how long the rest should take",
+    "immiscible study studies/fmnist-cpu.yaml --dry-run",
+    "run it (again after a crash or a kill: it continues where it stopped), then compare",
+    "immiscible study studies/fmnist-cpu.yaml",
+    "only rewrite the comparison and report from the runs there are",
+    "immiscible study studies/fmnist-cpu.yaml --report-only",
+))
+@reports_user_errors
+def study(
+    file: Annotated[Path, typer.Argument(help="Study file (YAML): runs (preset + overrides), seeds, baseline.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Study folder (default: runs/study-NAME).")]
+    = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List each run's state and the estimated time left; "
+                                          "write nothing.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Write the comparison and report from the "
+                                              "runs as they are; train nothing.")] = False,
+    inception: InceptionOpt = None,
+) -> None:
+    """Run a study: every run x seed that is missing or unfinished, then the comparison table, plot and report."""
+    from . import study as study_mod
+
+    spec = study_mod.load_study(file)
+    folder = out_dir or study_mod.default_out(spec)
+    if dry_run:
+        rows, seconds = study_mod.dry_run_table(spec, folder)
+        for row in rows:
+            state = "done" if row["done"] else "missing" if row["kimg"] == 0 else "partial"
+            out.print(f"{row['run']:>12} seed {row['seed']:<3} {state:<8} {row['kimg']:g}/{row['total_kimg']:g} kimg"
+                      f"  FID {row['fid_points']}/{row['fid_due']} x {row['fid_images']} images  {row['path']}",
+                      markup=False)
+        left = "unknown until a run has ticked" if seconds is None else f"about {seconds / 3600:.1f} h"
+        out.print(f"# dry run: {sum(not r['done'] for r in rows)} of {len(rows)} runs to do; time left {left} "
+                  f"(nothing written)", markup=False)
+        return
+    report = study_mod.write_report(spec, folder) if report_only else \
+        study_mod.run_study(spec, file, folder, console=out, inception=inception)
+    out.print(f"report: {report}", markup=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # presets
 
 

@@ -113,3 +113,22 @@ def test_resumable_overrides_are_limited():
 def test_digest_tracks_content():
     a, b = C.load_config("quickstart"), C.load_config("quickstart", ["seed=1"])
     assert a.digest() == C.load_config("quickstart").digest() != b.digest()
+
+
+def test_reference_presets_carry_the_references_math():
+    """cifar10-*: the papers' precision; DDPM ones tqch's EMA warm-up, strided DDIM grid and x0 clipping; flow ones
+    torchcfm's time input; every header says how to get the papers' 50k-image FID."""
+    names = [n for n in C.list_presets() if n.startswith("cifar10-")]
+    assert len(names) == 6
+    for name in names:
+        cfg = C.load_config(name)
+        assert cfg.train.precision == "fp32", name
+        header = (C.preset_dir() / f"{name}.yaml").read_text()
+        assert "--num-images 50000" in header, name
+        if cfg.objective.kind == "ddpm":
+            assert cfg.train.ema_warmup and cfg.sample.ddim_grid == "stride" and cfg.sample.clip_x0, name
+        else:
+            assert cfg.objective.net_time_scale == 1.0, name
+    for name in ("fmnist-vanilla", "fmnist-knn", "fmnist-linear", "fmnist-scale", "fmnist-cpu"):
+        cfg = C.load_config(name)
+        assert cfg.train.ema_warmup and cfg.sample.ddim_grid == "stride", name

@@ -1,0 +1,222 @@
+"""`immiscible study FILE`: presets x seeds x overrides in one command, resumable, with a comparison report.
+
+A study file (YAML, validated like presets) names runs, each a preset plus `--set` overrides, the seeds each runs
+with, the comparison baseline and an optional target FID. `run_study` trains what is missing or unfinished (a run
+directory that already holds the same config is continued from its newest checkpoint, so rerunning after a crash or
+a kill -9 goes on where it stopped), with FID points during training, then writes into the study folder:
+`comparison.txt` (the `compare` table), `comparison.json`, `curves.png` and `report.md`.
+
+Study folder layout: <out>/study.yaml (a copy of the file), <out>/runs/<run>-s<seed>/ (ordinary run directories),
+<out>/study.log (one line per run started, resumed or finished, with wall times).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.console import Console
+
+from . import runs
+from .config import Config, ConfigError, load_config, read_yaml
+from .errors import UserError
+from .files import read_jsonl, write_atomic
+
+DEFAULT_ROOT = Path("runs")
+
+
+class StudyRun(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    preset: str | None = None
+    """Preset name or YAML path; None = the study's `preset`."""
+    set: list[str] = Field(default_factory=list)
+    """`section.field=value` overrides, applied after the study's own `set`."""
+    seeds: list[int] | None = Field(None, min_length=1)
+    """Seeds of this run; None = the study's `seeds`."""
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Study name; the study folder is runs/study-<name> unless --out says otherwise."""
+    preset: str | None = None
+    """Default preset of every run."""
+    set: list[str] = Field(default_factory=list)
+    """Overrides applied to every run."""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Default seeds (config field `seed`); runs with the same seed share their random numbers."""
+    runs: dict[str, StudyRun] = Field(min_length=2)
+    """Run name -> preset, overrides, seeds. Runs are trained seed by seed, in this order."""
+    baseline: str
+    """The run the others are compared with (speed-up = its kimg to the target / theirs)."""
+    target: float | None = Field(None, gt=0)
+    """FID to reach; None = the baseline's best FID (per seed in the per-seed speed-ups)."""
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> "Study":
+        if self.baseline not in self.runs:
+            raise ValueError(f"baseline: '{self.baseline}' is not one of the runs ({', '.join(self.runs)})")
+        for name in self.runs:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"runs.{name}: run names use letters, digits, '-' and '_' only")
+        return self
+
+    def members(self) -> list[tuple[str, int]]:
+        """(run, seed) in training order: seed by seed, runs in file order within a seed."""
+        seeds = sorted({s for run in self.runs.values() for s in (run.seeds or self.seeds)})
+        return [(name, seed) for seed in seeds for name, run in self.runs.items() if seed in (run.seeds or self.seeds)]
+
+    def config(self, name: str, seed: int) -> Config:
+        run = self.runs[name]
+        preset = run.preset or self.preset
+        if preset is None:
+            raise ConfigError(f"runs.{name}: no preset (set `preset` for the study or for this run)")
+        return load_config(preset, [*self.set, *run.set, f"name={name}", f"seed={seed}"])
+
+
+def load_study(path: Path) -> Study:
+    """A validated study file, or ConfigError naming the file and the field."""
+    raw = read_yaml(Path(path))
+    try:
+        study = Study.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: {'.'.join(str(p) for p in err['loc']) or 'study'}: "
+                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    for name, seed in study.members():  # every run's config validates before anything runs
+        study.config(name, seed)
+    return study
+
+
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-s{seed}"
+
+
+def default_out(study: Study) -> Path:
+    return DEFAULT_ROOT / f"study-{study.name}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# status and cost
+
+
+def status(study: Study, out: Path) -> list[dict[str, Any]]:
+    """One row per (run, seed): its folder, kimg trained of the total, FID points done of those due."""
+    rows = []
+    for name, seed in study.members():
+        cfg, path = study.config(name, seed), run_dir(out, name, seed)
+        metrics = read_jsonl(path / runs.METRICS)
+        fid = read_jsonl(path / runs.FID)
+        every = cfg.eval.every_kimg
+        due = int(cfg.train.total_kimg // every) if every > 0 else 0
+        done_kimg = max((m.get("kimg", 0.0) for m in metrics), default=0.0)
+        rows.append({"run": name, "seed": seed, "path": str(path), "kimg": done_kimg,
+                     "total_kimg": cfg.train.total_kimg, "fid_points": len({r.get("kimg") for r in fid}),
+                     "fid_due": due, "fid_images": cfg.eval.num_images,
+                     "done": done_kimg >= cfg.train.total_kimg - 1e-9 and len(fid) >= due,
+                     "img_per_s": _median([m["img_per_s"] for m in metrics if m.get("img_per_s")]),
+                     "fid_s": _median([r["seconds"] for r in fid if r.get("seconds")])})
+    return rows
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def estimate_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """Seconds still to spend, from the speeds measured in runs already (None before any run has ticked)."""
+    speed = _median([r["img_per_s"] for r in rows if r["img_per_s"]])
+    fid_s = _median([r["fid_s"] for r in rows if r["fid_s"]])
+    if speed is None:
+        return None
+    left = sum((r["total_kimg"] - r["kimg"]) * 1000 / speed for r in rows)
+    if fid_s is not None:
+        left += sum(max(r["fid_due"] - r["fid_points"], 0) * fid_s for r in rows)
+    return left
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# running
+
+
+def run_study(study: Study, source: Path, out: Path, *, console: Console, inception: Path | None = None) -> Path:
+    """Train every unfinished member, then write the comparison; returns the report's path."""
+    from . import trainer
+    from .metrics.scorer import training_scorer
+    from .networks import pick_device
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "study.yaml", Path(source).read_bytes())
+    for row in status(study, out):
+        if row["done"]:
+            continue
+        cfg = study.config(row["run"], row["seed"])
+        began = time.time()
+        _log(out, f"start {row['run']} seed {row['seed']} at {row['kimg']:g} of {row['total_kimg']:g} kimg")
+        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception)
+        trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
+                      argv=["immiscible", "study", str(source)], console=console)
+        _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
+    return write_report(study, out)
+
+
+def _log(out: Path, message: str) -> None:
+    with open(out / "study.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
+
+
+def write_report(study: Study, out: Path) -> Path:
+    """comparison.txt / .json, curves.png and report.md from the study's run directories."""
+    from . import compare
+
+    paths = [Path(row["path"]) for row in status(study, out)]
+    baseline = [p for p in paths if p.name.rsplit("-s", 1)[0] == study.baseline][0]
+    warnings = _console()  # compare's warnings go to the report, never into the JSON
+    try:
+        text = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline,
+                                                plot=out / "curves.png", fmt="table", strict=True, out=c,
+                                                err=warnings))
+        document = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline, plot=None,
+                                                    fmt="json", strict=True, out=c, err=_console()))
+    except UserError as e:  # e.g. runs without FID points yet: the report says so instead of a table
+        text, document = f"no comparison: {e}\n", json.dumps({"error": str(e)}) + "\n"
+    text += warnings.file.getvalue()
+    write_atomic(out / "comparison.txt", text.encode())
+    write_atomic(out / "comparison.json", document.encode())
+    rows = status(study, out)
+    lines = [f"# Study {study.name}", "", f"Runs: {len(rows)} ({', '.join(study.runs)}); seeds "
+             f"{sorted({r['seed'] for r in rows})}; baseline {study.baseline}; target "
+             f"{study.target if study.target is not None else 'the baseline best FID'}.", "",
+             "| run | seed | kimg | FID points |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['seed']} | {r['kimg']:g} / {r['total_kimg']:g} | {r['fid_points']} / "
+              f"{r['fid_due']} |" for r in rows]
+    lines += ["", "## Comparison (`immiscible compare`)", "", "```", text.rstrip(), "```", "",
+              "![FID curves](curves.png)", ""]
+    write_atomic(out / "report.md", "\n".join(lines).encode())
+    return out / "report.md"
+
+
+def _console() -> Console:
+    return Console(file=io.StringIO(), width=200, color_system=None, highlight=False, soft_wrap=True)
+
+
+def _captured(write) -> str:
+    console = _console()
+    write(console)
+    return console.file.getvalue()
+
+
+def dry_run_table(study: Study, out: Path) -> tuple[list[dict[str, Any]], float | None]:
+    rows = status(study, out)
+    return rows, estimate_seconds(rows)
+
+
+def status_json(rows: list[dict[str, Any]], seconds: float | None) -> str:
+    return json.dumps({"runs": rows, "estimated_seconds_left": seconds}, indent=2)
