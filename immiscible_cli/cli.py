@@ -124,10 +124,12 @@ def train(
         out.print(f"# dry run: would {verb} {target} (nothing written)", markup=False)
         return
     from . import trainer
+    from .console import Bars
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
-    scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception)  # fails before any write
+    with Bars(out) as bars:  # weights and reference statistics: fail (or compute them) before any write
+        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
     run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, resume=resume is not None,
                         scorer=scorer, argv=sys.argv, console=out)
     out.print(f"run directory: {run.path}", markup=False)

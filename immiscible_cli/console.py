@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Callable
 
 from rich.console import Console
@@ -28,14 +29,19 @@ Progress = Callable[[int, int, str], None]  # (done, total, what): how a long ta
 
 
 class Bars:
-    """Rich progress bars on a terminal console, nothing elsewhere: the one progress helper of every command.
+    """Rich progress bars on a terminal console; off a terminal (a log file) a plain line per bar at most every
+    `PLAIN_EVERY_S` seconds and at its end, except for `keep`-ed bars (their owner logs them): the one progress
+    helper of every command.
 
     `update(what, done, total)` makes the bar `what` on first use; a bar that is not `keep`-ed disappears when it
-    reaches its total. `update` itself has the `Progress` signature, so it is what a long task is handed."""
+    reaches its total. `__call__` has the `Progress` signature, so the object is what a long task is handed."""
+
+    PLAIN_EVERY_S = 60.0
 
     def __init__(self, console: Console | None, keep: tuple[str, ...] = ()):
-        self.keep = keep
+        self.keep, self.console = keep, console
         self.live = console is not None and console.is_terminal
+        self.last_line: dict[str, float] = {}
         self.bars = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
                                  transient=not keep) if self.live else None
@@ -52,6 +58,7 @@ class Bars:
 
     def update(self, what: str, done: float, total: float, status: str | None = None) -> None:
         if self.bars is None:
+            self._plain(what, done, total)
             return
         if what not in self.tasks:
             self.tasks[what] = self.bars.add_task(what, total=total, status=status or "")
@@ -59,6 +66,14 @@ class Bars:
         self.bars.update(self.tasks[what], completed=done, total=total, **fields)
         if done >= total and what not in self.keep:
             self.bars.remove_task(self.tasks.pop(what))
+
+    def _plain(self, what: str, done: float, total: float) -> None:
+        if self.console is None or what in self.keep:
+            return
+        now = time.monotonic()
+        if done >= total or now - self.last_line.setdefault(what, now) >= self.PLAIN_EVERY_S:
+            self.last_line[what] = now
+            self.console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {what}: {done:g} of {total:g}", markup=False)
 
     def __call__(self, done: int, total: int, what: str) -> None:
         self.update(what, done, total)

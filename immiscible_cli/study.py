@@ -149,6 +149,7 @@ def estimate_seconds(rows: list[dict[str, Any]]) -> float | None:
 def run_study(study: Study, source: Path, out: Path, *, console: Console, inception: Path | None = None) -> Path:
     """Train every unfinished member, then write the comparison; returns the report's path."""
     from . import trainer
+    from .console import Bars
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
@@ -160,7 +161,8 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
         cfg = study.config(row["run"], row["seed"])
         began = time.time()
         _log(out, f"start {row['run']} seed {row['seed']} at {row['kimg']:g} of {row['total_kimg']:g} kimg")
-        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception)
+        with Bars(console) as bars:
+            scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
         trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
                       argv=["immiscible", "study", str(source)], console=console)
         _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
