@@ -140,6 +140,7 @@ def _save_atomic(path: Path, write: Callable) -> None:
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is for every user of the machine to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
