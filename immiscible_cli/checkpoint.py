@@ -4,7 +4,8 @@ selected, pruned, read (weights_only, with fallback to an older one) and resumed
 A snapshot is one `torch.save`d dict of tensors and plain values, so `torch.load(weights_only=True)` reads it:
     format, kimg, nimg, step, train_s, config (the resolved config as a dict), config_digest,
     net, ema (state_dicts), optimizer (state_dict),
-    rng {"train": generator state, "torch": CPU state, "cuda": [per-device states]}, data {"epoch", "position"}.
+    rng {"flips", "timesteps", "noise", "labels": generator states (trainer.STREAMS), "torch": CPU state (dropout),
+         "cuda": [per-device states]}, data {"epoch", "position"}.
 """
 
 from __future__ import annotations
@@ -107,15 +108,16 @@ def select(run: Run, spec: str) -> Checkpoint:
     return nearest
 
 
-def prune(run: Run, keep_last: int, keep_every_kimg: float) -> list[Path]:
-    """Delete snapshots beyond the newest `keep_last`, except those at multiples of keep_every_kimg."""
+def prune(run: Run, keep_last: int, keep_every_kimg: float, batch_size: int = 1) -> list[Path]:
+    """Delete snapshots beyond the newest `keep_last`, except those of the step that reached or crossed a multiple
+    of keep_every_kimg (with batch_size images per step, snapshots fall on the first step past a multiple)."""
     removed = []
     available = list_checkpoints(run)
+    every = round(keep_every_kimg * 1000)
     for ckpt in available[:-keep_last] if keep_last < len(available) else []:
-        if keep_every_kimg > 0:
-            ratio = ckpt.kimg / keep_every_kimg
-            if abs(ratio - round(ratio)) < 1e-6:
-                continue
+        nimg = round(ckpt.kimg * 1000)
+        if every > 0 and nimg // every > (nimg - batch_size) // every:
+            continue
         ckpt.path.unlink(missing_ok=True)
         removed.append(ckpt.path)
     return removed

@@ -298,15 +298,7 @@ def study(
     spec = study_mod.load_study(file)
     folder = out_dir or study_mod.default_out(spec)
     if dry_run:
-        rows, seconds = study_mod.dry_run_table(spec, folder)
-        for row in rows:
-            state = "done" if row["done"] else "missing" if row["kimg"] == 0 else "partial"
-            out.print(f"{row['run']:>12} seed {row['seed']:<3} {state:<8} {row['kimg']:g}/{row['total_kimg']:g} kimg"
-                      f"  FID {row['fid_points']}/{row['fid_due']} x {row['fid_images']} images  {row['path']}",
-                      markup=False)
-        left = "unknown until a run has ticked" if seconds is None else f"about {seconds / 3600:.1f} h"
-        out.print(f"# dry run: {sum(not r['done'] for r in rows)} of {len(rows)} runs to do; time left {left} "
-                  f"(nothing written)", markup=False)
+        study_mod.print_status(spec, folder, out)
         return
     report = study_mod.write_report(spec, folder) if report_only else \
         study_mod.run_study(spec, file, folder, console=out, inception=inception)

@@ -11,8 +11,8 @@ earlier; such a row is flagged, since its true cost may be lower).
 Runs whose configs differ only in their seed form a group, compared through its mean curve; when the baseline and
 another group both have several seeds, runs sharing a seed are also compared pair by pair (compare_seeds.py).
 This module is the command's library (`main`); the curve math is in compare_curves.py, reading runs in
-compare_runs.py, and compare_plot.py turns the rows computed here into the table, CSV and figure; the JSON document
-is the rows themselves.
+compare_runs.py, the per-seed statistics in compare_seeds.py; compare_table.py turns the rows computed here into the
+table and CSV, compare_plot.py into the figure; the JSON document is the rows themselves.
 """
 
 from __future__ import annotations

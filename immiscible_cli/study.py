@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ class Study(BaseModel):
         if self.baseline not in self.runs:
             raise ValueError(f"baseline: '{self.baseline}' is not one of the runs ({', '.join(self.runs)})")
         for name in self.runs:
-            if not name.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"runs.{name}: run names use letters, digits, '-' and '_' only")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"runs.{name}: run names use ASCII letters, digits, '-' and '_' only")
         return self
 
     def members(self) -> list[tuple[str, int]]:
@@ -113,13 +114,14 @@ def status(study: Study, out: Path) -> list[dict[str, Any]]:
         cfg, path = study.config(name, seed), run_dir(out, name, seed)
         metrics = read_jsonl(path / runs.METRICS)
         fid = read_jsonl(path / runs.FID)
-        every = cfg.eval.every_kimg
-        due = int(cfg.train.total_kimg // every) if every > 0 else 0
+        every, total = round(cfg.eval.every_kimg * 1000), round(cfg.train.total_kimg * 1000)  # in images
+        due = total // every if 0 < every <= total else 0
+        points = {round(float(r["kimg"]) * 1000) // every for r in fid if every > 0 and "kimg" in r}
         done_kimg = max((m.get("kimg", 0.0) for m in metrics), default=0.0)
         rows.append({"run": name, "seed": seed, "path": str(path), "kimg": done_kimg,
-                     "total_kimg": cfg.train.total_kimg, "fid_points": len({r.get("kimg") for r in fid}),
+                     "total_kimg": cfg.train.total_kimg, "fid_points": len(points & set(range(1, due + 1))),
                      "fid_due": due, "fid_images": cfg.eval.num_images,
-                     "done": done_kimg >= cfg.train.total_kimg - 1e-9 and len(fid) >= due,
+                     "done": round(done_kimg * 1000) >= total and points >= set(range(1, due + 1)),
                      "img_per_s": _median([m["img_per_s"] for m in metrics if m.get("img_per_s")]),
                      "fid_s": _median([r["seconds"] for r in fid if r.get("seconds")])})
     return rows
@@ -136,7 +138,7 @@ def estimate_seconds(rows: list[dict[str, Any]]) -> float | None:
     fid_s = _median([r["fid_s"] for r in rows if r["fid_s"]])
     if speed is None:
         return None
-    left = sum((r["total_kimg"] - r["kimg"]) * 1000 / speed for r in rows)
+    left = sum(max(r["total_kimg"] - r["kimg"], 0.0) * 1000 / speed for r in rows)
     if fid_s is not None:
         left += sum(max(r["fid_due"] - r["fid_points"], 0) * fid_s for r in rows)
     return left
@@ -178,10 +180,16 @@ def write_report(study: Study, out: Path) -> Path:
     """comparison.txt / .json, curves.png and report.md from the study's run directories."""
     from . import compare
 
-    paths = [Path(row["path"]) for row in status(study, out)]
-    baseline = [p for p in paths if p.name.rsplit("-s", 1)[0] == study.baseline][0]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = status(study, out)
+    scored = [r for r in rows if r["fid_points"] > 0]  # compare the runs as they are: those with FID points
+    paths = [Path(r["path"]) for r in scored]
+    baselines = [p for r, p in zip(scored, paths) if r["run"] == study.baseline]
+    baseline = baselines[0] if baselines else None
     warnings = _console()  # compare's warnings go to the report, never into the JSON
     try:
+        if baseline is None or len(paths) < 2:
+            raise UserError(f"the baseline {study.baseline} and at least one other run need FID points first")
         text = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline,
                                                 plot=out / "curves.png", fmt="table", strict=True, out=c,
                                                 err=warnings))
@@ -192,7 +200,6 @@ def write_report(study: Study, out: Path) -> Path:
     text += warnings.file.getvalue()
     write_atomic(out / "comparison.txt", text.encode())
     write_atomic(out / "comparison.json", document.encode())
-    rows = status(study, out)
     lines = [f"# Study {study.name}", "", f"Runs: {len(rows)} ({', '.join(study.runs)}); seeds "
              f"{sorted({r['seed'] for r in rows})}; baseline {study.baseline}; target "
              f"{study.target if study.target is not None else 'the baseline best FID'}.", "",
@@ -215,10 +222,15 @@ def _captured(write) -> str:
     return console.file.getvalue()
 
 
-def dry_run_table(study: Study, out: Path) -> tuple[list[dict[str, Any]], float | None]:
+def print_status(study: Study, out: Path, console: Console) -> None:
+    """`--dry-run`: each member's state and the estimated time left, from the speeds measured so far."""
     rows = status(study, out)
-    return rows, estimate_seconds(rows)
-
-
-def status_json(rows: list[dict[str, Any]], seconds: float | None) -> str:
-    return json.dumps({"runs": rows, "estimated_seconds_left": seconds}, indent=2)
+    for row in rows:
+        state = "done" if row["done"] else "missing" if row["kimg"] == 0 else "partial"
+        console.print(f"{row['run']:>12} seed {row['seed']:<3} {state:<8} {row['kimg']:g}/{row['total_kimg']:g} kimg"
+                      f"  FID {row['fid_points']}/{row['fid_due']} x {row['fid_images']} images  {row['path']}",
+                      markup=False)
+    seconds = estimate_seconds(rows)
+    left = "unknown until a run has ticked" if seconds is None else f"about {seconds / 3600:.1f} h"
+    console.print(f"# dry run: {sum(not r['done'] for r in rows)} of {len(rows)} runs to do; time left {left} "
+                  f"(nothing written)", markup=False)

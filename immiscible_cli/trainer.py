@@ -162,7 +162,8 @@ class TrainingLoop:
                           sampler=self.cfg.sample.sampler, steps=self.cfg.sample.steps,
                           guidance=self.cfg.sample.guidance, batch=self.cfg.sample.batch_size, device=self.device)
         save_png(grid_image(images), self.run.grid_path(kimg))
-        checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg)
+        checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg,
+                         self.cfg.train.batch_size)
         return path
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class TrainingLoop:
             n = interval[name]
             return n > 0 and self.nimg // n > before // n
 
-        owed = interval["fid"] > 0 and self.nimg > 0 and self.nimg % interval["fid"] == 0
+        every, batch = interval["fid"], self.cfg.train.batch_size
+        owed = every > 0 and self.nimg > 0 and self.nimg // every > (self.nimg - batch) // every  # last step crossed
         if owed and round(self.nimg / 1000, 6) not in scored_kimg:
             self.fid_point(reporter)
         tick_start, tick_nimg = time.perf_counter(), self.nimg

@@ -85,8 +85,9 @@ def test_study_killed_with_sigkill_continues_bit_exactly(tmp_path):
     assert (out / "report.md").is_file()
 
 
-def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, monkeypatch):
-    cfg = load_config("quickstart", TINY + FID)
+@pytest.mark.parametrize("batch, points", [(8, [0.016, 0.032]), (6, [0.018, 0.036])])  # 6 does not divide 16
+def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, monkeypatch, batch, points):
+    cfg = load_config("quickstart", TINY + FID + [f"train.batch_size={batch}"])
     real = scorer_mod.FIDScorer.score
     calls = []
 
@@ -99,11 +100,11 @@ def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, mo
     with pytest.raises(KeyboardInterrupt):
         train_with_fid(cfg, out_root=tmp_path, run_dir=tmp_path / "r")
     run = runs.open_run(tmp_path / "r")
-    assert [r["kimg"] for r in read_fid_rows(run)] == [0.016]
-    assert checkpoint.list_checkpoints(run)[-1].kimg == 0.032  # the snapshot came before the FID point
+    assert [r["kimg"] for r in read_fid_rows(run)] == points[:1]
+    assert checkpoint.list_checkpoints(run)[-1].kimg == points[1]  # the snapshot came before the FID point
     monkeypatch.setattr(scorer_mod.FIDScorer, "score", real)
     train_with_fid(cfg, out_root=tmp_path, run_dir=tmp_path / "r")
-    assert [r["kimg"] for r in read_fid_rows(run)] == [0.016, 0.032]
+    assert [r["kimg"] for r in read_fid_rows(run)] == points
 
 
 @pytest.mark.parametrize("change, message", [
@@ -121,3 +122,19 @@ def test_bad_study_files_fail_with_one_line(tmp_path, change, message):
     result = runner.invoke(app, ["study", str(path), "--dry-run"])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_report_only_on_a_partial_study_compares_what_has_fid_points(tmp_path, stub_fid):
+    study = write_study(tmp_path / "tiny.yaml", FID)
+    out = tmp_path / "partial"
+    early = runner.invoke(app, ["study", str(study), "--out", str(out), "--report-only"])
+    assert early.exit_code == 0, early.output  # nothing trained yet: a report that says so, no traceback
+    assert "no comparison" in (out / "comparison.txt").read_text()
+    train_with_fid(load_config("quickstart", TINY + FID + ["name=vanilla", "seed=0"]), out_root=out,
+                   run_dir=out / "runs" / "vanilla-s0")
+    train_with_fid(load_config("quickstart", TINY + FID + ["name=knn", "seed=0", "assigner.name=knn",
+                                                           "assigner.k=4"]), out_root=out, run_dir=out / "runs" / "knn-s0")
+    result = runner.invoke(app, ["study", str(study), "--out", str(out), "--report-only"])
+    assert result.exit_code == 0, result.output
+    table = (out / "comparison.txt").read_text()
+    assert "vanilla-s0" in table and "knn-s0" in table and "-s1" not in table

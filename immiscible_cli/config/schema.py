@@ -46,7 +46,7 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = 1
     """Image channels the model sees; grey images are repeated to 3 when 3 is asked for."""
     hflip: bool = True
-    """Random horizontal flip of each training image (on the fly, from the training generator)."""
+    """Random horizontal flip of each training image (on the fly, from the run's flips stream)."""
     max_images: int | None = Field(None, ge=1)
     """Use only the first N images of the split (class-balanced order is not guaranteed); None = all, in images."""
     gpu_resident: bool = True
@@ -197,7 +197,8 @@ class SampleConfig(_Section):
     sampler: SamplerName | None = None
     """Sampler; None = the objective's default (ddim for ddpm, euler for flow)."""
     steps: int = Field(50, ge=1)
-    """Sampling steps (network evaluations per image for ddim/ddpm/euler; about twice that for heun; dopri5
+    """Sampling steps N (network evaluations per image for ddim/ddpm/euler, one more on the stride grid where N
+    does not divide T; about twice that for heun; dopri5
     chooses its own steps)."""
     eta: float = Field(0.0, ge=0.0, le=1.0)
     """DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like)."""
@@ -206,7 +207,7 @@ class SampleConfig(_Section):
     to [-1, 1]; with image scaling the data live in [-c, c])."""
     ddim_grid: Literal["linspace", "stride"] = "linspace"
     """DDIM/DDPM timesteps for N steps: `linspace` = round(linspace(0, T - 1, N)) (starts at T - 1), `stride` =
-    arange(0, T, T // N) as tqch/ddpm-torch (starts at T - T // N)."""
+    arange(0, T, T // N) as tqch/ddpm-torch (e.g. 980, 960, ..., 0 for N = 50)."""
     ode_atol: float = Field(1e-4, gt=0.0)
     """dopri5: absolute tolerance of the adaptive ODE solver (torchcfm's CIFAR-10 value)."""
     ode_rtol: float = Field(1e-4, gt=0.0)

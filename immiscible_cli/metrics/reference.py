@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import zipfile
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -112,7 +113,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         with np.load(path) as stats:
             return stats["mu"], stats["sigma"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # unreadable: compute again and replace it
 
 
@@ -120,7 +121,7 @@ def _read_partial(path: Path) -> FeatureStats:
     if path.is_file():
         try:
             return FeatureStats.load(path)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # damaged: start over
     return FeatureStats()
 

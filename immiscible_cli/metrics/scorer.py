@@ -10,8 +10,8 @@ and turned into features that only update running sums, so 50k images cost the m
 A fid.jsonl row:
     kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
     reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
-    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol", "image_scale"} (every other field that changes
-    the samples; null where the sampler does not use it), ema (bool), weights {"source", "sha256", "dtype"},
+    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
+    samples; null where the sampler does not use it), ema (bool), weights {"source", "sha256", "dtype"},
     nfe (network evaluations per image, mean over batches), seconds (scoring time),
     train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
 """
@@ -78,8 +78,6 @@ class FIDScorer:
             raise ConfigError("--kid: needs the reference images, which clean-fid's published statistics do not "
                               "include; use --reference computed")
         self.extractor = extractor or FIDExtractor(self.mode, device, weights=inception, batch_size=self.batch)
-        if self.extractor.mode != self.mode:
-            raise ConfigError(f"mode '{self.mode}': expected one of clean, legacy_tensorflow")
         self._real_batches: Callable[[], Iterator[torch.Tensor]] | None = None  # the reference images, for KID
         self._real_features = None
         self.ref_mu, self.ref_sigma, self.ref_info = self._reference(progress)
@@ -164,7 +162,7 @@ def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
     s, ddpm = cfg.sample, cfg.objective.kind == "ddpm"
     return {"eta": s.eta if sampler == "ddim" else None, "clip_x0": s.clip_x0 if ddpm else None,
             "ddim_grid": s.ddim_grid if ddpm else None, "ode_atol": s.ode_atol if sampler == "dopri5" else None,
-            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None, "image_scale": cfg.assigner.image_scale}
+            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None}  # image_scale is the method's, in config.yaml
 
 
 def training_scorer(cfg: Config, device: torch.device, *, inception: Path | str | None = None,
