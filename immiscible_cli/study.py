@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 
 from . import runs
-from .config import Config, ConfigError, load_config, read_yaml
+from .config import RESUMABLE_OVERRIDES, Config, ConfigError, changed_fields, load_config, read_yaml, resumable
 from .errors import UserError
 from .files import read_jsonl, write_atomic
 
@@ -155,9 +155,11 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
+    rows = status(study, out)
+    extended = [_extended(study.config(r["run"], r["seed"]), Path(r["path"])) for r in rows]  # refuse before work
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "study.yaml", Path(source).read_bytes())
-    for row in status(study, out):
+    for row, extend in zip(rows, extended):
         if row["done"]:
             continue
         cfg = study.config(row["run"], row["seed"])
@@ -166,9 +168,24 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
         with Bars(console) as bars:
             scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
         trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
-                      argv=["immiscible", "study", str(source)], console=console)
+                      resume=extend, argv=["immiscible", "study", str(source)],
+                      console=console)
         _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
     return write_report(study, out)
+
+
+def _extended(cfg: Config, path: Path) -> bool:
+    """True when the run at `path` was started with a config that differs from `cfg` only in fields a started run
+    may change (a study file edited to train longer, say): it is then continued with the new values. A change to
+    any other field is refused, naming it."""
+    if not (path / runs.CONFIG).is_file():
+        return False
+    changed = changed_fields(runs.open_run(path).config(), cfg)
+    fixed = [field for field in changed if not resumable(field)]
+    if fixed:
+        raise ConfigError(f"{path}: the study file now gives this run another {', '.join(fixed)}; a started run "
+                          f"can change only {', '.join(RESUMABLE_OVERRIDES)}; restore the file or use another --out")
+    return bool(changed)
 
 
 def _log(out: Path, message: str) -> None:

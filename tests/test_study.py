@@ -138,3 +138,18 @@ def test_report_only_on_a_partial_study_compares_what_has_fid_points(tmp_path, s
     assert result.exit_code == 0, result.output
     table = (out / "comparison.txt").read_text()
     assert "vanilla-s0" in table and "knn-s0" in table and "-s1" not in table
+
+
+def test_a_study_edited_to_train_longer_continues_its_runs_and_refuses_other_changes(tmp_path):
+    study = write_study(tmp_path / "tiny.yaml", [])
+    out = tmp_path / "grow"
+    assert runner.invoke(app, ["study", str(study), "--out", str(out)]).exit_code == 0
+    run = runs.open_run(out / "runs" / "knn-s1")
+    assert checkpoint.list_checkpoints(run)[-1].kimg == 0.032
+    write_study(study, ["train.total_kimg=0.048"])  # TINY's 0.032 overridden: one more snapshot each
+    longer = runner.invoke(app, ["study", str(study), "--out", str(out)])
+    assert longer.exit_code == 0, longer.output
+    assert checkpoint.list_checkpoints(run)[-1].kimg == 0.048 and run.config().train.total_kimg == 0.048
+    write_study(study, ["train.total_kimg=0.048", "train.lr=0.5"])
+    refused = runner.invoke(app, ["study", str(study), "--out", str(out)])
+    assert refused.exit_code == 2 and "train.lr" in refused.output and "Traceback" not in refused.output

@@ -23,6 +23,21 @@ RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_ki
                        "train.keep_every_kimg", "sample.", "eval.")
 
 
+def resumable(field: str) -> bool:
+    """Whether `section.field` is one of RESUMABLE_OVERRIDES (a field a started run may change)."""
+    return any(field == a or (a.endswith(".") and field.startswith(a)) for a in RESUMABLE_OVERRIDES)
+
+
+def changed_fields(old: Config, new: Config) -> list[str]:
+    """The `section.field` paths whose values differ between two configs."""
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return sorted(key.rstrip(".") for key in a.keys() | b.keys() if a.get(key) != b.get(key))
+
+
 class ConfigError(UserError):
     """A config problem, with a one-line message naming the file (or `--set`) and the field path."""
 
