@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config.schema import SAMPLERS
-from .errors import UserError
+from .errors import UserError, describe_os_error
 
 app = typer.Typer(
     name="immiscible",
@@ -44,14 +44,17 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def reports_user_errors(command: Callable) -> Callable:
-    """Turn a UserError raised anywhere below a command into `error: ...` and exit code 2."""
+    """Turn a UserError (or an OSError) raised below a command into `error: ...` and its exit code (errors.py)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            fail(str(e), getattr(e, "exit_code", 2))
+            fail(str(e), e.exit_code)
+        except OSError as e:  # an unexpected file-system refusal: disk full, read-only, name too long
+            err_ = describe_os_error(e)
+            fail(str(err_), err_.exit_code)
 
     return wrapper
 

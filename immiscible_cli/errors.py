@@ -1,14 +1,55 @@
-"""The one exception type the CLI turns into a clean message and exit code 2.
+"""The exception types the CLI turns into a clean one-line message and a documented exit code.
 
 Every module raises a subclass of `UserError` for problems the user can fix (a bad preset, a missing dataset, a path
 that is not a run, FID weights that cannot be found). Its message is one line per problem, naming the file or field
 and what to do. Anything else is a bug and keeps its traceback.
+
+Exit codes (the README lists them): 2 bad input (`UserError`), 3 a non-finite training loss
+(`trainer.TrainingDiverged`), 4 the environment failed us: the disk is full, a folder is read-only, a path cannot be
+written (`EnvironmentFailure`).
 """
+
+from __future__ import annotations
+
+import errno
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
+EXIT_ENVIRONMENT = 4
 
 
 class UserError(Exception):
-    """A problem with the user's input or environment: reported as `error: <message>`, exit code 2."""
+    """A problem with the user's input: reported as `error: <message>`, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class MetricsError(UserError):
     """Base of every metrics error (FID weights, statistics, references); one line saying what is wrong and what to do."""
+
+
+class EnvironmentFailure(UserError):
+    """The machine refused a write or a read we need (disk full, read-only, permissions): exit code 4."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+_OS_PROBLEMS = {
+    errno.ENOSPC: "the disk is full; free space and run the command again",
+    errno.EDQUOT: "the disk quota is exceeded; free space and run the command again",
+    errno.EROFS: "the file system is read-only; choose a writable folder",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.EISDIR: "it is a folder, not a file; choose a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+}
+
+
+def describe_os_error(e: OSError, path: object = None) -> EnvironmentFailure | UserError:
+    """One-line error for an OSError: the path and the problem. Disk and permission problems are environment
+    failures (exit 4); a bad path name (too long, a folder where a file is wanted) is bad input (exit 2)."""
+    where = path if path is not None else (e.filename or "a file")
+    problem = _OS_PROBLEMS.get(e.errno or -1, e.strerror or str(e))
+    cls = UserError if e.errno in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR) else EnvironmentFailure
+    return cls(f"{where}: {problem}")

@@ -27,7 +27,7 @@ from . import checkpoint, runs
 from .assigners.meter import PairingMeter
 from .config import Config
 from .data import BatchStream, ImageSet, fits_on_gpu, load_images
-from .errors import UserError
+from .errors import EXIT_NON_FINITE, UserError
 from .images import grid_image, save_png
 from .networks import build_network, pick_device
 from .objectives import build_objective
@@ -53,7 +53,7 @@ class Scorer(Protocol):
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
-    exit_code = 3
+    exit_code = EXIT_NON_FINITE
 
 
 class TrainingLoop:
