@@ -1,6 +1,7 @@
 """Time the pairing rules against the papers' published code, on the CPU and (when present) CUDA.
 
 A script, not a test:  python benchmarks/assigners.py [--device cpu|cuda|all] [--quick] [--repeats N] [--threads N]
+                       python benchmarks/assigners.py --solvers   # scipy vs LAPJV (assigner.solver) at B = 1024-4096
 
 Grid: B in {128, 256, 512, 1024, 2048}, D in {3x32x32, 4x64x64}, k in {4, 8, 64} (KNN); linear runs with
 `quantize: fp16` (the published setting) and `none`. Both implementations run in the same process, interleaved,
@@ -238,6 +239,41 @@ def run(device: str, quick: bool, repeats: int) -> None:
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
+SOLVER_BATCHES = (1024, 2048, 4096)
+
+
+def solvers(batches: tuple[int, ...], repeats: int) -> None:
+    """scipy vs LAPJV on the same costs: linear assignment's L2 cost of CIFAR-10-sized images (3x32x32) and noise,
+    in fp32 and fp16-quantized (the papers' setting, with ties). Seconds per solve (median) and both totals."""
+    try:
+        import lap  # noqa: F401
+    except ImportError:
+        print("\n## solvers: the `lap` package is not installed (pip install 'immiscible[lapjv]'), skipped")
+        return
+    from immiscible_cli.assigners.linear import cost_matrix, solve
+
+    print("\n## exact solvers: scipy linear_sum_assignment vs LAPJV (lap), cost on the CPU, D = 3x32x32")
+    print(f"{'B':>6} {'cost':>6} {'scipy s':>9} {'lapjv s':>9} {'speed-up':>9}  same optimal cost")
+    for batch in batches:
+        x = images(batch, SHAPES["3x32x32"], "cpu").flatten(1)
+        n = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch))
+        for quantize in ("none", "fp16"):
+            cost, _, _ = cost_matrix(x, n, "l2", quantize)
+            c = cost.double()
+            times, totals = {}, {}
+            for solver in ("scipy", "lapjv"):
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    order = solve(cost, solver)
+                    runs.append(time.perf_counter() - start)
+                times[solver] = statistics.median(runs)
+                totals[solver] = c[torch.arange(batch), torch.from_numpy(order)].sum().item()
+            same = abs(totals["scipy"] - totals["lapjv"]) <= 1e-9 * abs(totals["scipy"])
+            print(f"{batch:>6} {quantize:>6} {times['scipy']:>9.3f} {times['lapjv']:>9.3f} "
+                  f"{times['scipy'] / times['lapjv']:>8.1f}x  {same} ({totals['scipy']:.6f} vs {totals['lapjv']:.6f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
@@ -245,12 +281,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed calls per cell, at least (more for cheap cells, fewer for slow ones)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--solvers", action="store_true",
+                        help="only the exact solvers: scipy vs LAPJV at B = 1024, 2048, 4096")
     parser.add_argument("--cpu-peaks-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_peaks_child:
         return cpu_peaks_child(json.loads(args.cpu_peaks_child))
+    if args.solvers:
+        return solvers(SOLVER_BATCHES, max(1, min(args.repeats, 3)))
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():

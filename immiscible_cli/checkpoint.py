@@ -5,12 +5,19 @@ A snapshot is one `torch.save`d dict of tensors and plain values, so `torch.load
     format, kimg, nimg, step, train_s, config (the resolved config as a dict), config_digest,
     net, ema (state_dicts), optimizer (state_dict),
     rng {"flips", "timesteps", "noise", "labels": generator states (trainer.STREAMS), "torch": CPU state (dropout),
-         "cuda": [per-device states]}, data {"epoch", "position"}.
+         "cuda": [per-device states], with several processes also "torch_ranks" and on CUDA "cuda_ranks": [each
+         rank's dropout state]}, data {"epoch", "position"}, world_size (processes that trained it; absent: 1).
+
+Before a snapshot is used it is checked against the run (`Expected`): the format tag, every key above, the tensor
+names and shapes of both networks against the network config.yaml builds, and the stored config against config.yaml
+(fields a resumed run may change, config.RESUMABLE_OVERRIDES, excepted). One that does not fit is skipped by
+`resume` and named by `sample`/`eval` with the checkpoints that do fit.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +25,15 @@ from typing import Any, Callable
 
 import torch
 
+from .config import Config, resumable
 from .errors import UserError
 from .files import write_atomic
 from .runs import Run, kimg_tag
 
 FORMAT = "immiscible-snapshot-v1"
+REQUIRED = ("kimg", "nimg", "step", "train_s", "config", "config_digest", "net", "ema", "optimizer", "rng", "data")
 _SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
+_LEFTOVER = re.compile(r"^\.snapshot-\d+\.\d{3}kimg\.pt\.tmp-\d+$")  # files.write_atomic's temporary name
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,56 @@ def list_checkpoints(run: Run) -> list[Checkpoint]:
 
 
 class CheckpointError(UserError):
-    """No readable checkpoint where one was asked for."""
+    """No readable checkpoint where one was asked for, or one that does not fit the run."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a snapshot of a run must fit: the run's config and the tensor shapes of the network it builds."""
+
+    config: Config
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+# Fields that say where and how a run executes, not what its weights mean: a snapshot stays valid when they change
+# (the dataset moved, another device, compiled or not, another number of processes).
+PORTABLE = frozenset({"data.root", "data.gpu_resident", "train.device", "train.compile", "train.precision"})
+
+
+def mismatches(state: dict[str, Any], expected: Expected) -> list[str]:
+    """How a snapshot's state differs from what the run expects, most telling first (empty when it fits).
+
+    Config fields are compared where both sides have them (a field added to the schema later has its default in
+    config.yaml and none in an older snapshot); resumable fields may differ."""
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:
+        return [f"keys missing: {', '.join(missing)}"]
+    found = [] if isinstance(state["config"], dict) else ["its config is not a mapping"]
+    if state["config_digest"] != expected.config.digest() and not found:
+        stored, current = _flat(state["config"]), _flat(expected.config.to_dict())
+        for key in sorted(stored.keys() & current.keys()):
+            if stored[key] != current[key] and not resumable(key.rstrip(".")) and key.rstrip(".") not in PORTABLE:
+                found.append(f"{key.rstrip('.')}: {stored[key]!r} in the snapshot, {current[key]!r} in config.yaml")
+    for part in ("net", "ema"):
+        tensors = state[part] if isinstance(state[part], dict) else {}
+        absent = [name for name in expected.shapes if name not in tensors]
+        extra = [name for name in tensors if name not in expected.shapes]
+        if absent:
+            found.append(f"{part}: {len(absent)} tensors missing ({', '.join(absent[:2])}, ...)")
+        if extra:
+            found.append(f"{part}: {len(extra)} unexpected tensors ({', '.join(extra[:2])}, ...)")
+        for name, shape in expected.shapes.items():
+            tensor = tensors.get(name)
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape):
+                got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                found.append(f"{part}.{name}: {got} in the snapshot, {list(shape)} for config.yaml")
+    return found
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -59,15 +118,46 @@ def save(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one snapshot (weights_only=True); CheckpointError when it is truncated, corrupt or not ours."""
+def load(path: Path, map_location: str | torch.device = "cpu", expected: Expected | None = None) -> dict[str, Any]:
+    """Read one snapshot (weights_only=True); CheckpointError when it is truncated, corrupt or not ours, or (given
+    `expected`) does not fit the run: the first three differences, in one line."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        reason = " ".join(str(e).split())[:120]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an immiscible snapshot")
+    problems = mismatches(state, expected) if expected is not None else []
+    if problems:
+        more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path}: does not fit this run ({'; '.join(problems[:3])}{more})")
     return state
+
+
+def usable(run: Run, expected: Expected, exclude: Path | None = None) -> list[Checkpoint]:
+    """The run's snapshots that load and fit `expected`, oldest first (each is read: meant for error messages)."""
+    found = []
+    for ckpt in list_checkpoints(run):
+        if ckpt.path != exclude:
+            try:
+                load(ckpt.path, "cpu", expected)
+            except CheckpointError:
+                continue
+            found.append(ckpt)
+    return found
+
+
+def remove_leftovers(run: Run) -> list[Path]:
+    """Delete the temporary files of snapshot writes that were killed (.snapshot-...kimg.pt.tmp-PID). Call it only
+    while holding the run's train lock: then no snapshot is being written."""
+    folder = run.checkpoints_dir()
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if _LEFTOVER.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 @dataclass
@@ -77,30 +167,41 @@ class Loaded:
     skipped: list[str]  # one message per newer checkpoint that could not be read
 
 
-def load_newest(run: Run, map_location: str | torch.device = "cpu") -> Loaded | None:
-    """The newest readable snapshot of a run (None when it has none); unreadable newer ones are reported."""
+def load_newest(run: Run, map_location: str | torch.device = "cpu",
+                expected: Expected | None = None) -> Loaded | None:
+    """The newest readable snapshot of a run that fits `expected` (None when it has none); newer ones that are
+    unreadable or do not fit are reported."""
     skipped = []
     for ckpt in reversed(list_checkpoints(run)):
         try:
-            return Loaded(ckpt, load(ckpt.path, map_location), skipped)
+            return Loaded(ckpt, load(ckpt.path, map_location, expected), skipped)
         except CheckpointError as e:
             skipped.append(str(e))
     if skipped:
-        raise CheckpointError(f"{run.path}: no readable checkpoint ({len(skipped)} unreadable: {skipped[0]})")
+        raise CheckpointError(f"{run.path}: no usable checkpoint ({len(skipped)} skipped; the newest: {skipped[0]}); "
+                              f"restore config.yaml if it was edited after training, or start a new run")
     return None
+
+
+def parse_spec(spec: str) -> float | None:
+    """`--ckpt`: `latest` -> None, a kimg -> float; CheckpointError for anything else (text, nan, inf, < 0)."""
+    try:
+        kimg = None if spec == "latest" else float(spec)
+    except ValueError:
+        kimg = math.nan
+    if kimg is not None and not (math.isfinite(kimg) and kimg >= 0):
+        raise CheckpointError(f"--ckpt {spec}: expected `latest` or a kimg number >= 0 (e.g. --ckpt 2000)")
+    return kimg
 
 
 def select(run: Run, spec: str) -> Checkpoint:
     """`latest` or a kimg (the snapshot nearest to it, within 0.5 kimg) -> a checkpoint of the run."""
+    kimg = parse_spec(spec)  # a bad spec is reported before anything about the run
     available = list_checkpoints(run)
     if not available:
         raise CheckpointError(f"{run.path}: no checkpoints yet (train it first, or wait for its first snapshot)")
-    if spec == "latest":
+    if kimg is None:
         return available[-1]
-    try:
-        kimg = float(spec)
-    except ValueError:
-        raise CheckpointError(f"--ckpt {spec}: expected `latest` or a kimg number") from None
     nearest = min(available, key=lambda c: abs(c.kimg - kimg))
     if abs(nearest.kimg - kimg) > 0.5:
         listed = ", ".join(f"{c.kimg:g}" for c in available)
@@ -131,10 +232,10 @@ class Resumed:
 
 
 def resume(run: Run, load_state: Callable[[dict[str, Any]], None],
-           map_location: str | torch.device = "cpu") -> Resumed | None:
-    """Hand the newest readable snapshot's state to `load_state` and cut the run's logs back to its kimg; None when
-    the run has no snapshot yet (a fresh start)."""
-    loaded = load_newest(run, map_location)
+           map_location: str | torch.device = "cpu", expected: Expected | None = None) -> Resumed | None:
+    """Hand the newest readable snapshot that fits `expected` to `load_state` and cut the run's logs back to its
+    kimg; None when the run has no snapshot yet (a fresh start)."""
+    loaded = load_newest(run, map_location, expected)
     if loaded is None:
         return None
     load_state(loaded.state)

@@ -7,6 +7,7 @@ without importing torch first.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config.schema import SAMPLERS
-from .errors import UserError, describe_os_error
+from .errors import EXIT_ENVIRONMENT, UserError, describe_os_error, is_out_of_memory, names_memory_field
 
 app = typer.Typer(
     name="immiscible",
@@ -36,25 +37,86 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print each line of a user-facing error and exit (2 = bad input), without a traceback."""
-    for line in str(message).splitlines() or ["unknown error"]:
-        err.print(f"[red]error:[/red] {escape(line)}", markup=True)
+def fail(message: str, code: int = 2, rank_local: bool = False) -> None:
+    """Print each line of a user-facing error and exit (2 = bad input), without a traceback. Under torchrun only
+    rank 0 prints, unless the error is this rank's own (`rank_local`, already prefixed `rank R:`)."""
+    if rank_local or not _other_rank():
+        for line in str(message).splitlines() or ["unknown error"]:
+            err.print(f"[red]error:[/red] {escape(line)}", markup=True)
     raise typer.Exit(code)
 
 
+def _several_processes() -> bool:
+    """torchrun started this process as one of several (read from the environment: torch is not imported)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _other_rank() -> bool:
+    return _several_processes() and os.environ.get("RANK", "0") not in ("", "0")
+
+
+def _report(error: BaseException, code: int) -> None:
+    """fail() with the line this rank reports for `error` (distributed.error_line); silent when rank 0 reports it."""
+    if not _several_processes():
+        fail(str(error), code)
+    from .distributed import error_line
+
+    line = error_line(error)
+    if line is None:
+        raise typer.Exit(code)
+    fail(line, code, rank_local=_other_rank())
+
+
+def joins_process_group(command: Callable) -> Callable:
+    """Under torchrun (several processes): run the command inside the process group (distributed.session), ranks
+    other than 0 printing nothing but their own errors. Otherwise the command is called unchanged."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if not _several_processes():
+            return command(*args, **kwargs)
+        from .distributed import session
+
+        out.quiet = _other_rank()
+        with session():
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
+def one_process(command: str) -> None:
+    """Refuse, under torchrun, a command that does not share its work between processes."""
+    if _several_processes():
+        fail(f"`immiscible {command}` runs in one process; start it without torchrun (train and eval use several)")
+
+
+def on_rank0(step: Callable):
+    """step() on rank 0, its result (or error) on every rank (distributed.on_main); step() in one process."""
+    if not _several_processes():
+        return step()
+    from .distributed import on_main
+
+    return on_main(step)
+
+
 def reports_user_errors(command: Callable) -> Callable:
-    """Turn a UserError (or an OSError) raised below a command into `error: ...` and its exit code (errors.py)."""
+    """Turn a UserError (or an OSError, or running out of memory) raised below a command into `error: ...` and its
+    exit code (errors.py)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            fail(str(e), e.exit_code)
+            _report(e, e.exit_code)
         except OSError as e:  # an unexpected file-system refusal: disk full, read-only, name too long
             err_ = describe_os_error(e)
-            fail(str(err_), err_.exit_code)
+            _report(err_, err_.exit_code)
+        except (MemoryError, RuntimeError) as e:  # memory ran out where no batch field was named
+            if not is_out_of_memory(e):
+                raise
+            fail("out of memory; lower the batch size of this step (train.batch_size, eval.batch_size, "
+                 "sample.batch_size or --batch)", EXIT_ENVIRONMENT)
 
     return wrapper
 
@@ -92,6 +154,7 @@ InceptionOpt = Annotated[Optional[Path], typer.Option("--inception", help="FID I
     "immiscible train --resume runs/00003-cifar10-knn",
 ))
 @reports_user_errors
+@joins_process_group
 def train(
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -110,28 +173,39 @@ def train(
     from . import config as config_mod
     from . import runs
 
-    if resume is not None:
-        if preset or run_dir:
-            fail("--resume continues a run with its own config; drop --preset/--run-dir")
-        run = runs.open_run(resume)
-        cfg = config_mod.with_overrides(run.config(), set_, config_mod.RESUMABLE_OVERRIDES) if set_ \
-            else run.config()
-        target = run.path
-    else:
+    def resolve():  # under torchrun rank 0 reads the config and the run directory, and tells every rank
+        if resume is not None:
+            if preset or run_dir:
+                raise UserError("--resume continues a run with its own config; drop --preset/--run-dir")
+            run = runs.open_run(resume)
+            return (config_mod.with_overrides(run.config(), set_, config_mod.RESUMABLE_OVERRIDES) if set_
+                    else run.config()), run.path
         cfg = config_mod.load_config(preset, set_ or [])
-        target = run_dir if run_dir is not None else runs.next_run_path(out_dir, cfg.name)
+        if run_dir is not None and run_dir.is_dir() and not (run_dir / runs.CONFIG).is_file():
+            runs.check_new_run_dir(run_dir)  # a folder holding anything else: refused before any work, dry run too
+        return cfg, run_dir if run_dir is not None else runs.next_run_path(out_dir, cfg.name)
+
+    cfg, target = on_rank0(resolve)
     if dry_run:
         out.print(cfg.to_yaml(), end="", markup=False)
         verb = "continue" if resume is not None or (run_dir is not None and (run_dir / runs.CONFIG).is_file()) \
             else "create"
         out.print(f"# dry run: would {verb} {target} (nothing written)", markup=False)
         return
-    from . import trainer
+    from . import distributed, train_ranks, trainer
     from .console import Bars
+    from .files import check_writable
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
-    with Bars(out) as bars:  # weights and reference statistics: fail (or compute them) before any write
+    from .assigners import check_available
+
+    check_available(cfg.assigner)  # an optional solver that is not installed fails before any work
+    train_ranks.split_batch(cfg, distributed.world())  # and a batch the processes cannot share
+    option = "--resume" if resume is not None else "--run-dir" if run_dir is not None else "--out"
+    on_rank0(lambda: check_writable(target if option != "--out" else out_dir, "folder", option))  # before work
+    oom = names_memory_field("eval.batch_size", cfg.eval.batch_size, "while computing reference statistics")
+    with Bars(out) as bars, oom:  # weights and reference statistics: fail (or compute them) before any write
         scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
     run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, resume=resume is not None,
                         scorer=scorer, argv=sys.argv, console=out)
@@ -167,21 +241,36 @@ def sample(
     class_: Annotated[Optional[int], typer.Option("--class", help="Class label for every image (conditional "
                                                   "runs; default: seed mod classes).")] = None,
     batch: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write one PNG per image here.")] = None,
-    grid: Annotated[Optional[Path], typer.Option(help="Write all images as one PNG grid.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write one PNG per image here, batch by batch.")]
+    = None,
+    grid: Annotated[Optional[Path], typer.Option(help="Write the images (the first 1024 at most) as one PNG grid; "
+                                                 "a .png file.")] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
+    one_process("sample")
     from . import runs, sampling
+    from .console import Bars
+    from .files import check_writable
 
     if out_dir is None and grid is None:
         fail("nothing to write: give --out DIR and/or --grid FILE.png")
-    written = sampling.sample_run(runs.open_run(run), ckpt=ckpt, seeds=sampling.parse_seeds(seeds, num),
-                                  steps=steps, sampler=sampler, guidance=guidance, label=class_, batch=batch,
-                                  out_dir=out_dir, grid=grid, ema=ema, device=device)
+    if grid is not None and grid.suffix.lower() != ".png":
+        fail(f"--grid {grid}: the grid is written as PNG; give a file name ending in .png")
+    chosen = sampling.parse_seeds(seeds, num)
+    source = runs.open_run(run)
+    for path, kind, option in ((grid, "file", "--grid"), (out_dir, "folder", "--out")):
+        if path is not None:  # before any image is made
+            check_writable(path, kind, option)
+    with Bars(err) as bars:
+        written = sampling.sample_run(source, ckpt=ckpt, seeds=chosen, steps=steps, sampler=sampler,
+                                      guidance=guidance, label=class_, batch=batch, out_dir=out_dir, grid=grid,
+                                      ema=ema, device=device, progress=bars)
     for path in written:
-        out.print(f"wrote {path}", markup=False)
+        shown = f" (the first {sampling.GRID_MAX} of {len(chosen)} images)" \
+            if path == grid and len(chosen) > sampling.GRID_MAX else ""
+        out.print(f"wrote {path}{shown}", markup=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -197,6 +286,7 @@ def sample(
     "immiscible eval runs/a runs/b --fid --json > curves.json",
 ))
 @reports_user_errors
+@joins_process_group
 def eval_(
     runs_: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="Run directories (default: "
                                                           "the newest under runs/).")] = None,
@@ -229,10 +319,14 @@ def eval_(
     if not fid and not kid:
         fail("choose a metric: --fid (and optionally --kid)")
     targets = [runs.open_run(p) for p in runs_] if runs_ else [runs.latest_run(root)]
-    result = evaluate.evaluate_runs(targets, ckpts=ckpt or ["all"], num_images=num_images, steps=steps,
-                                    sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
-                                    inception=inception, device=device, console=err,
-                                    reference_images=reference_images)
+    with names_memory_field("--batch", batch or "the run's eval.batch_size", "while scoring FID"):
+        result = evaluate.evaluate_runs(targets, ckpts=ckpt or ["all"], num_images=num_images, steps=steps,
+                                        sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
+                                        inception=inception, device=device,
+                                        console=Console(quiet=True) if _other_rank() else err,
+                                        reference_images=reference_images)
+    if _other_rank():  # rank 0 reports
+        return
     if as_json:
         print(evaluate.curves_json(result))
     else:
@@ -296,6 +390,7 @@ def study(
     inception: InceptionOpt = None,
 ) -> None:
     """Run a study: every run x seed that is missing or unfinished, then the comparison table, plot and report."""
+    one_process("study")
     from . import study as study_mod
 
     spec = study_mod.load_study(file)
@@ -303,6 +398,9 @@ def study(
     if dry_run:
         study_mod.print_status(spec, folder, out)
         return
+    from .files import check_writable
+
+    check_writable(folder, "folder", "--out" if out_dir else "study folder")  # before any run is trained
     report = study_mod.write_report(spec, folder) if report_only else \
         study_mod.run_study(spec, file, folder, console=out, inception=inception)
     out.print(f"report: {report}", markup=False)

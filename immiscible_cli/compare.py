@@ -31,6 +31,7 @@ from .compare_runs import (CompareError, Entry, Member, assigner_label, choose_f
                            describe_differences, experiment_key, fid_rows, load_entries, open_runs)
 from .compare_seeds import make_pair, pair_by_seed, summarize
 from .compare_table import csv_text, print_table
+from .files import check_writable
 
 __all__ = ["CompareError", "Crossing", "Curve", "Entry", "Member", "Points", "assigner_label", "choose_fid_rows",
            "cost_to_reach", "crossing", "curve_from_rows", "describe_differences", "experiment_key", "fid_rows",
@@ -93,6 +94,8 @@ def _check_options(target: float | None, plot: Path | None) -> None:
         raise CompareError(f"--target must be a positive FID, got {target:g}")
     if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
         raise CompareError(f"--plot {plot}: give a .png file in an existing folder")
+    if plot is not None:
+        check_writable(plot, "file", "--plot")  # a folder of that name, a read-only or full disk: before any work
 
 
 def _entries(runs: list[Path], baseline: Path | None, *, strict: bool, err: Console) -> tuple[list[Entry], Entry]:

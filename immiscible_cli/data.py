@@ -15,6 +15,7 @@ generator, float in [-1, 1], on the GPU without host copies when the set is resi
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import lzma
 import pickle
@@ -113,8 +114,59 @@ def load_embedded() -> tuple[np.ndarray, np.ndarray]:
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes at protocol 2 (always latin1); any other codec is refused."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused codec {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The only globals a CIFAR-10 batch may name: numpy array, dtype and scalar reconstruction, under numpy 1's
+    and numpy 2's module names (the official files are Python 2 pickles naming numpy.core), and latin1 bytes."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): _latin1}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch without running code: find_class admits only `_cifar_globals()` (arrays,
+    dtypes, numpy scalars, bytes); everything else (os.system, builtins.eval, any class) is refused."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _cifar_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}, which a CIFAR-10 batch never holds")
+        return found
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """[N, 3, 32, 32] uint8 images and [N] labels of one batch file, read with CifarUnpickler (no code runs)."""
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], np.int64).reshape(-1)
+    except Exception as e:  # noqa: BLE001 - a crafted or damaged pickle raises any type; all mean the same here
+        reason = " ".join(str(e).split())[:160]
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {reason}); replace it with "
+                        f"the file from cifar-10-python.tar.gz (re-extract it)") from None
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels; re-extract cifar-10-python.tar.gz")
+    return images, labels
+
+
 def load_cifar10(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """[N, 32, 32, 3] uint8 images and [N] labels, from the python pickles."""
+    """[N, 32, 32, 3] uint8 images and [N] labels, from the python pickles (read by `read_cifar_batch`, which runs no
+    code; torchvision reads batch files only after checking their md5 against the official ones)."""
     root_path = Path(root) if root else cache_root() / "datasets"
     folder = root_path / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR_FILES[split]):
@@ -128,17 +180,9 @@ def load_cifar10(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
                 f"extracted folder cifar-10-batches-py/ or cifar-10-python.tar.gz (from "
                 f"https://www.cs.toronto.edu/~kriz/cifar.html) in ROOT and set data.root=ROOT, or run once with "
                 f"network access") from None
-    images, labels = [], []
-    for name in CIFAR_FILES[split]:
-        try:
-            with open(folder / name, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], np.int64))
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
-            raise DataError(f"{folder / name}: not a readable CIFAR-10 batch ({e}); re-extract "
-                            f"cifar-10-python.tar.gz") from None
-    return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
+    batches = [read_cifar_batch(folder / name) for name in CIFAR_FILES[split]]
+    return (np.concatenate([b[0] for b in batches]).transpose(0, 2, 3, 1),
+            np.concatenate([b[1] for b in batches]))
 
 
 def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -241,11 +285,12 @@ class BatchStream:
     integers), flips drawn from the caller's generator. Batches are float [-1, 1] on `device`.
 
     The set lives on the GPU when `resident` (no host copy per step); otherwise batches are gathered on the CPU and
-    copied (pinned, non-blocking)."""
+    copied (pinned, non-blocking). With `rows` (one process of several), every batch_size-image batch is drawn
+    whole (order and flips) and only its rows `rows` are gathered and returned: the processes share it."""
 
     def __init__(self, data: ImageSet, batch_size: int, device: torch.device, seed: int, hflip: bool,
-                 resident: bool):
-        self.batch_size, self.device, self.seed, self.hflip = batch_size, device, seed, hflip
+                 resident: bool, rows: slice | None = None):
+        self.batch_size, self.device, self.seed, self.hflip, self.rows = batch_size, device, seed, hflip, rows
         self.storage = device if resident else torch.device("cpu")
         self.images = data.images.to(self.storage)
         self.labels = data.labels.to(self.storage)
@@ -276,6 +321,8 @@ class BatchStream:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
         index = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if self.rows is not None:
+            index = index[self.rows]
         images, labels = self.images[index], self.labels[index]
         if self.storage != self.device:
             images = images.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
@@ -283,7 +330,9 @@ class BatchStream:
             labels = labels.to(self.device, non_blocking=True)
         x = to_model_space(images)  # [B, C, H, W]
         if self.hflip:
-            flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5  # [B]
+            flip = torch.rand(self.batch_size, generator=generator, device=generator.device) < 0.5  # [B]
+            if self.rows is not None:
+                flip = flip[self.rows]
             x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         return x, labels
 

@@ -6,12 +6,16 @@ and what to do. Anything else is a bug and keeps its traceback.
 
 Exit codes (the README lists them): 2 bad input (`UserError`), 3 a non-finite training loss
 (`trainer.TrainingDiverged`), 4 the environment failed us: the disk is full, a folder is read-only, a path cannot be
-written (`EnvironmentFailure`).
+written (`EnvironmentFailure`), or memory ran out (`OutOfMemory`: the message names the batch field to lower; the
+same input fits a larger machine, so it is the environment's limit, not bad input).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
@@ -53,3 +57,44 @@ def describe_os_error(e: OSError, path: object = None) -> EnvironmentFailure | U
     problem = _OS_PROBLEMS.get(e.errno or -1, e.strerror or str(e))
     cls = UserError if e.errno in (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR) else EnvironmentFailure
     return cls(f"{where}: {problem}")
+
+
+class OutOfMemory(EnvironmentFailure):
+    """A batch did not fit in (GPU or host) memory: exit code 4, naming the field to lower."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch.OutOfMemoryError (CUDA, MPS) or the CPU allocator's RuntimeError; torch not imported."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("out of memory" in text.lower()
+                                                                             or "not enough memory" in text))
+
+
+@contextmanager
+def names_memory_field(field: str, value: Any = None, doing: str = "") -> Iterator[None]:
+    """Turn running out of memory inside the block into OutOfMemory: `out of memory <doing>; lower <field> (now
+    <value>)`. Anything else passes through unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        now = f" (now {value})" if value is not None else ""
+        raise OutOfMemory(f"out of memory{' ' + doing if doing else ''}; lower {field}{now}") from None
+
+
+def lowers_on_oom(field: str, doing: str = "",
+                  value: Callable[[Any], Any] | None = None) -> Callable[[Callable], Callable]:
+    """Method decorator: running out of memory in it names `field`, a `section.name` of `self.cfg`, and its value
+    (or `value(self)`, when given) (names_memory_field)."""
+    section, name = field.split(".")
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            now = value(self) if value is not None else getattr(getattr(self.cfg, section), name)
+            with names_memory_field(field, now, doing):
+                return method(self, *args, **kwargs)
+        return wrapper
+
+    return decorate

@@ -2,10 +2,19 @@
 
 A checkpoint that already has a fid.jsonl row with the same settings (metrics.scorer.FID_SETTINGS) is skipped, so
 re-running adds nothing and an interrupted eval continues where it stopped.
+
+An eval with checkpoints to score holds the run's lock (train.lock) while it scores and appends, and reads fid.jsonl
+again once it holds it: an eval of a run that is being trained or evaluated is refused at once with one line naming
+the pid (it does not wait: a training run can take days), and two evals never write one row twice. An eval with
+nothing to score only reads, and works beside a trainer.
+
+Under torchrun every rank reads the runs (a single node, or a shared file system) and makes its share of each
+point's images (metrics/shards.py); rank 0 alone holds the lock, chooses the checkpoints and writes the rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +22,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import checkpoint, runs
+from . import checkpoint, distributed, runs
+from .config import check_steps
 from .console import Bars, show_table
+from .files import check_writable
 from .metrics import FIDExtractor
 from .metrics.scorer import FIDScorer, append_fid_row, fid_settings, read_fid_rows
 from .networks import load_network, pick_device
@@ -36,11 +47,18 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
                   inception: Path | None, device: str, console: Console,
                   reference_images: int | None = None) -> list[dict[str, Any]]:
     """Score every selected checkpoint that has no row with the same settings yet; the curves per run."""
+    for run in targets:  # each run's fid.jsonl must take rows: a read-only or full disk fails before any scoring
+        check_writable(run.fid_path(), "file", append=True)
+    for spec in ckpts:  # before any reference statistics are computed
+        if spec != "all":
+            checkpoint.parse_spec(spec)
     torch_device = pick_device(device)
     extractors: dict[str, FIDExtractor] = {}
     results = []
     for run in targets:
         cfg = run.config()
+        if steps is not None:
+            check_steps(cfg, steps)
         chosen_mode = mode or cfg.eval.mode
         if chosen_mode not in extractors:
             extractors[chosen_mode] = FIDExtractor(chosen_mode, torch_device, weights=inception,
@@ -54,20 +72,29 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         def matches(row: dict[str, Any]) -> bool:
             return json.dumps(fid_settings(row), sort_keys=True) == wanted and (not kid or "kid" in row)
 
+        def unscored(rows: list[dict[str, Any]]) -> list[checkpoint.Checkpoint]:
+            scored = [r["kimg"] for r in rows if matches(r)]
+            return [c for c in selected if not any(abs(kimg - c.kimg) < 5e-4 for kimg in scored)]
+
         selected = select_checkpoints(run, ckpts)
         rows = read_fid_rows(run)
-        scored = [r["kimg"] for r in rows if matches(r)]
-        todo = [c for c in selected if not any(abs(kimg - c.kimg) < 5e-4 for kimg in scored)]
-        console.print(f"{run.path}: {len(selected)} checkpoint(s) selected, {len(selected) - len(todo)} already "
-                      f"scored with these settings, {len(todo)} to score", markup=False)
-        for ckpt in todo:
-            net, _, _, state = load_network(run, ckpt, True, torch_device)
-            with Bars(console) as bars:
-                row = scorer.score(net, kimg=ckpt.kimg, step=int(state["step"]), train_s=float(state["train_s"]),
-                                   progress=lambda done, total, _: bars(done, total, f"{run.name} @ {ckpt.kimg:g}"))
-            append_fid_row(run, row)  # one row at a time: an interrupted eval keeps what it finished
-            rows.append(row)
-            console.print(f"{run.name}: {ckpt.kimg:g} kimg  FID {row['fid']:.3f}", markup=False)
+        writes = bool(unscored(rows))
+        with distributed.main_context(lambda: run.lock("evaluated") if writes else contextlib.nullcontext()):
+            if writes:  # read again under the lock: rows another eval wrote meanwhile are not scored twice
+                rows = read_fid_rows(run)
+            todo = distributed.on_main(lambda: unscored(rows))  # several processes: all score rank 0's list
+            console.print(f"{run.path}: {len(selected)} checkpoint(s) selected, {len(selected) - len(todo)} already "
+                          f"scored with these settings, {len(todo)} to score", markup=False)
+            for ckpt in todo:
+                net, _, _, state = load_network(run, ckpt, True, torch_device)
+                with Bars(console) as bars:
+                    row = scorer.score(net, kimg=ckpt.kimg, step=int(state["step"]),
+                                       train_s=float(state["train_s"]), progress=lambda done, total, _:
+                                       bars(done, total, f"{run.name} @ {ckpt.kimg:g}"))
+                distributed.on_main(lambda: append_fid_row(run, row))  # one row at a time: an interrupted eval
+                # keeps what it finished; with several processes rank 0 alone writes
+                rows.append(row)
+                console.print(f"{run.name}: {ckpt.kimg:g} kimg  FID {row['fid']:.3f}", markup=False)
         curve = sorted((r for r in rows if matches(r)), key=lambda r: r["kimg"])
         results.append({"run": str(run.path), "curve": curve})
     return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config
 from .errors import UserError
 from .models.unet import UNet
@@ -12,14 +12,15 @@ from .runs import Run
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` (CUDA when available), `cpu` or `cuda` -> a torch.device; UserError when CUDA is asked for but absent."""
+    """`auto` (CUDA when available), `cpu` or `cuda` -> a torch.device; UserError when CUDA is asked for but absent.
+    Under torchrun, CUDA is this process's GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if name not in ("cpu", "cuda"):
         raise UserError(f"device: unknown device '{name}' (accepted: auto, cpu, cuda)")
-    return torch.device(name)
+    return distributed.cuda_device() if name == "cuda" else torch.device(name)
 
 
 def build_network(cfg: Config) -> UNet:
@@ -27,13 +28,29 @@ def build_network(cfg: Config) -> UNet:
     return UNet(cfg.model, image_channels=cfg.data.channels, resolution=cfg.data.resolution)
 
 
+def expected_snapshot(cfg: Config) -> checkpoint.Expected:
+    """What a snapshot of a run with this config must fit: the config and the network's tensor shapes (the network
+    is built on the meta device: no memory is allocated)."""
+    with torch.device("meta"):
+        net = build_network(cfg)
+    return checkpoint.Expected(cfg, {name: tuple(t.shape) for name, t in net.state_dict().items()})
+
+
 def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bool = True,
                  device: torch.device = torch.device("cpu")) -> tuple[UNet, Config, checkpoint.Checkpoint, dict]:
     """A run's network from one snapshot (`latest`, a kimg, or a Checkpoint already chosen), in eval mode, with the
-    run's config, the checkpoint and the snapshot's state."""
+    run's config, the checkpoint and the snapshot's state. A snapshot that is unreadable or does not fit config.yaml
+    is a CheckpointError naming the problem and the run's snapshots that do fit (to pass as --ckpt)."""
     cfg = run.config()
     chosen = ckpt if isinstance(ckpt, checkpoint.Checkpoint) else checkpoint.select(run, ckpt)
-    state = checkpoint.load(chosen.path, map_location="cpu")
+    expected = expected_snapshot(cfg)
+    try:
+        state = checkpoint.load(chosen.path, "cpu", expected)
+    except checkpoint.CheckpointError as e:
+        others = checkpoint.usable(run, expected, exclude=chosen.path)
+        hint = (f"usable checkpoints of this run: {', '.join(f'{c.kimg:g}' for c in others)} (pass one as "
+                f"--ckpt KIMG)" if others else "no other checkpoint of this run fits config.yaml")
+        raise checkpoint.CheckpointError(f"{e}; {hint}") from None
     net = build_network(cfg)
     net.load_state_dict(state["ema" if ema else "net"])
     return net.to(device).eval().requires_grad_(False), cfg, chosen, state

@@ -11,9 +11,11 @@ A run directory describes itself (resolved config, provenance, append-only logs)
                        metrics/scorer.py)
       checkpoints/     snapshot-000012.800kimg.pt (written atomically; owned by checkpoint.py)
       samples/         grid-000012.800kimg.png
-      train.lock       held (flock) by the process training into this directory
+      train.lock       held (flock) by the process training into this directory, or `eval` while it scores
+      *.jsonl.damaged  cut-off last lines a crash left in a JSONL file, moved here by its next writer (files.py)
 
-`train` creates runs; `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl).
+`train` creates runs; `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl, holding
+train.lock while it scores, so it never runs beside a trainer or another eval of the run).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import yaml
 
 from .config import Config, load_run_config
 from .errors import UserError
-from .files import append_jsonl, read_jsonl, write_atomic, write_jsonl
+from .files import RowSchema, append_jsonl, read_jsonl, repair_jsonl, write_atomic, write_jsonl
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -45,6 +47,13 @@ SAMPLES = "samples"
 LOCK = "train.lock"
 
 _RUN_NAME = re.compile(r"^(\d{5,})-(.+)$")
+
+# What the readers of the logs rely on (compare, study, eval, resume), checked on every read: a row that does not fit
+# is an error naming the file and line. The trainer and metrics/scorer.py write the rows.
+NUMBER, NUMBER_OR_NULL, INTEGER = ("number",), ("number", "null"), ("integer",)
+METRICS_ROW = RowSchema(required={"kimg": NUMBER}, optional={"loss": NUMBER, "img_per_s": NUMBER, "train_s": NUMBER})
+FID_ROW = RowSchema(required={"kimg": NUMBER, "fid": NUMBER},
+                    optional={"num_images": INTEGER, "kid": NUMBER, "seconds": NUMBER, "train_s": NUMBER_OR_NULL})
 
 
 def kimg_tag(kimg: float) -> str:
@@ -84,7 +93,7 @@ class Run:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path / METRICS)
+        return read_jsonl(self.path / METRICS, METRICS_ROW)
 
     def grid_path(self, kimg: float) -> Path:
         return self.path / SAMPLES / f"grid-{kimg_tag(kimg)}.png"
@@ -109,16 +118,18 @@ class Run:
         with open(self.path / LOG, "a") as f:
             f.write(line.rstrip("\n") + "\n")
 
-    def lock(self) -> "RunLock":
-        return RunLock(self.lock_path())
+    def lock(self, purpose: str = "trained") -> "RunLock":
+        """The run's lock, held by `train` ("trained") and by `eval` while it scores ("evaluated")."""
+        return RunLock(self.lock_path(), purpose)
 
     def truncate_after(self, kimg: float) -> int:
         """Drop metrics and FID rows past `kimg` (written after the checkpoint a resumed run restarts from, so the
         resumed run writes them again); returns how many rows were dropped."""
         dropped = 0
-        for name in (METRICS, FID):
+        for name, schema in ((METRICS, METRICS_ROW), (FID, FID_ROW)):
             path = self.path / name
-            rows = read_jsonl(path)
+            repair_jsonl(path)  # a cut-off last line is kept in <file>.damaged, not dropped by the rewrite
+            rows = read_jsonl(path, schema)
             kept = [row for row in rows if row.get("kimg", 0.0) <= kimg + 1e-9]
             if len(kept) != len(rows):
                 dropped += len(rows) - len(kept)
@@ -130,10 +141,11 @@ class Run:
 
 
 class RunLock:
-    """An exclusive flock on train.lock: released by the OS when the process ends, so a crash leaves no stale lock."""
+    """An exclusive flock on train.lock: released by the OS when the process ends, so a crash leaves no stale lock.
+    A second holder is refused at once (never waits), told the holder's pid and what it does (`purpose`)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, purpose: str = "trained"):
+        self.path, self.purpose = path, purpose
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -141,12 +153,13 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunError(f"{self.path.parent}: already being trained by pid {holder}; wait for it to finish "
-                           f"or stop it first") from None
+            pid, _, purpose = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
+            os.close(fd)  # a lock written before `purpose` was recorded holds the pid alone: a trainer's
+            raise RunError(f"{self.path.parent}: already being {purpose or 'trained'} by "
+                           f"{f'pid {pid}' if pid else 'another process'}; wait for it to finish or stop it "
+                           f"first") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {self.purpose}".encode(), 0)
         self._fd = fd
         return self
 
@@ -190,11 +203,34 @@ def create_run(root: Path, config: Config, argv: list[str] | None = None, device
 
 
 def create_run_at(path: Path, config: Config, argv: list[str] | None = None, device: str = "cpu") -> Run:
-    """Make a run directory at exactly `path` (which must not hold another run)."""
+    """Make a run directory at exactly `path` (see `check_new_run_dir`)."""
+    check_new_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
+    return _populate(path, config, argv, device)
+
+
+def check_new_run_dir(path: Path) -> None:
+    """A RunError, before anything is written, unless `path` can become a new run: a folder that does not exist yet,
+    an empty one, or one a crashed `create_run_at` left half made. A run, a file or a folder holding anything else
+    is refused and left untouched."""
+    path = Path(path)
     if (path / CONFIG).exists():
         raise RunError(f"{path}: already holds a run")
-    return _populate(path, config, argv, device)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path}: it is a file, not a folder; choose a new or empty folder for --run-dir")
+    foreign = [p.name for p in sorted(path.iterdir()) if not _half_made(p)] if path.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise RunError(f"{path}: not empty and not a run of ours (it holds {shown}); choose a new or empty folder "
+                       f"for --run-dir")
+
+
+def _half_made(p: Path) -> bool:
+    """What `_populate` writes before config.yaml, so a crash may leave it: meta.json (or its temporary file),
+    empty checkpoints/ and samples/."""
+    if p.name in (CHECKPOINTS, SAMPLES):
+        return p.is_dir() and not any(p.iterdir())
+    return p.name == META or p.name.startswith((f".{META}.tmp-", f".{CONFIG}.tmp-"))
 
 
 def _populate(path: Path, config: Config, argv: list[str] | None, device: str) -> Run:

@@ -42,7 +42,7 @@ class StudyRun(BaseModel):
 
 
 class Study(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)  # target finite
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Study name; the study folder is runs/study-<name> unless --out says otherwise."""
@@ -112,8 +112,8 @@ def status(study: Study, out: Path) -> list[dict[str, Any]]:
     rows = []
     for name, seed in study.members():
         cfg, path = study.config(name, seed), run_dir(out, name, seed)
-        metrics = read_jsonl(path / runs.METRICS)
-        fid = read_jsonl(path / runs.FID)
+        metrics = read_jsonl(path / runs.METRICS, runs.METRICS_ROW)
+        fid = read_jsonl(path / runs.FID, runs.FID_ROW)
         every, total = round(cfg.eval.every_kimg * 1000), round(cfg.train.total_kimg * 1000)  # in images
         due = total // every if 0 < every <= total else 0
         points = {round(float(r["kimg"]) * 1000) // every for r in fid if every > 0 and "kimg" in r}
@@ -155,8 +155,12 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
+    from .assigners import check_available
+
     rows = status(study, out)
     extended = [_extended(study.config(r["run"], r["seed"]), Path(r["path"])) for r in rows]  # refuse before work
+    for row in rows:  # an optional solver that is not installed fails before any work
+        check_available(study.config(row["run"], row["seed"]).assigner)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "study.yaml", Path(source).read_bytes())
     for row, extend in zip(rows, extended):

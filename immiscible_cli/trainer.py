@@ -11,25 +11,29 @@ the same flips, timesteps and dropout masks; only the noise differs, which makes
 noisy than two independent runs. Every stream's state, the data position, the optimizer and both networks are in
 each snapshot, so a resumed run on the CPU is bit-identical to an uninterrupted one.
 On CUDA the step has no host synchronisation: loss sums and the non-finite check stay on the device until a tick.
+Several processes (torchrun) share each global batch by rows and rank 0 alone writes the run: train_ranks.py.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from . import checkpoint, runs
+from . import assigners, checkpoint, distributed, runs, train_ranks
+from .assigners import shard
 from .assigners.meter import PairingMeter
 from .config import Config
 from .data import BatchStream, ImageSet, fits_on_gpu, load_images
-from .errors import EXIT_NON_FINITE, UserError
+from .errors import EXIT_NON_FINITE, UserError, lowers_on_oom
 from .images import grid_image, save_png
-from .networks import build_network, pick_device
+from .networks import build_network, expected_snapshot, pick_device
 from .objectives import build_objective
 from .sampling import generate
 from .train_report import Reporter
@@ -64,11 +68,16 @@ class TrainingLoop:
         self.cfg, self.run, self.device, self.scorer = cfg, run, device, scorer
         self.fid_sink = fid_sink or (lambda row: None)
         t = cfg.train
+        # Several processes (train_ranks.py): this rank's rows of every global batch, micro-batches of `micro`.
+        self.rank, self.world, self.batch = distributed.rank(), distributed.world(), t.batch_size
+        self.share, self.micro = train_ranks.split_batch(cfg, self.world)
+        self.shard = shard.Shard(self.rank, self.world, self.batch) if self.world > 1 else None
         torch.manual_seed(cfg.seed)  # weights init from the run seed ...
         self.net = build_network(cfg).to(device).train()
-        torch.manual_seed(stream_seed(cfg.seed, "dropout"))  # ... then dropout draws from its own stream
+        torch.manual_seed(self.dropout_seed())  # ... then dropout draws from its own stream
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.forward = torch.compile(self.net) if t.compile else self.net
+        self.ddp = train_ranks.wrap(self.net, device)  # the network itself in one process
+        self.forward = torch.compile(self.ddp) if t.compile else self.ddp
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
         self.objective = build_objective(cfg.objective)
         optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
@@ -77,16 +86,25 @@ class TrainingLoop:
         self.generators = {name: torch.Generator(device).manual_seed(stream_seed(cfg.seed, name))
                            for name in STREAMS}
         resident = cfg.data.gpu_resident and fits_on_gpu(data, device)
-        self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident)
-        self.meter = PairingMeter(device)
+        self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident,
+                                  self.shard.rows if self.shard else None)
+        self.meter = PairingMeter(device, functools.partial(shard.pair, shard=self.shard) if self.shard
+                                  else assigners.pair)
         self.params = [p for p in self.net.parameters()]
         self.ema_params = [p for p in self.ema.parameters()]
         halflife = t.ema_halflife_kimg
         self.ema_beta = 0.5 ** (t.batch_size / (halflife * 1000)) if halflife else t.ema_decay
         self.ema_warmup = t.ema_warmup
         self.step, self.nimg, self.train_s, self.tick_step = 0, 0, 0.0, 0
+        self.saved_world = self.world  # processes that wrote the snapshot resumed from
         self.loss_sum = torch.zeros((), device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def dropout_seed(self, resumed_at: int | None = None) -> int:
+        """Rank 0: the run's dropout stream (one process's); rank r: its own, from (seed, r); reseeded at a step
+        when resumed on another number of processes."""
+        purpose = "dropout" if self.rank == 0 else f"dropout:rank{self.rank}"
+        return stream_seed(self.cfg.seed, purpose if resumed_at is None else f"{purpose}:step{resumed_at}")
 
     # --- one step ------------------------------------------------------------------------------------------------
     def net_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -101,20 +119,26 @@ class TrainingLoop:
         """The EMA decay of update number `step` (1-based); with warm-up min(decay, (1 + n) / (10 + n)) (tqch)."""
         return min(self.ema_beta, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_beta
 
+    @lowers_on_oom("train.batch_gpu", "in a training step",  # micro-batches: the same step in less memory
+                   lambda loop: f"{loop.micro}; a divisor of {loop.share}, the images of a step on each process")
     def train_step(self) -> None:
         cfg, g = self.cfg, self.generators
-        x0, labels = self.stream.next(g["flips"])                              # [B, C, H, W], [B]
+        rows = self.shard.rows if self.shard else slice(None)  # several processes: draw all B, keep my b rows
+        x0, labels = self.stream.next(g["flips"])                              # [b, C, H, W], [b]
         x0, noise = self.meter.pair(x0, cfg.assigner, g["noise"])              # pairing before t is drawn
-        t = self.objective.sample_t(x0.shape[0], g["timesteps"], self.device)  # [B]
+        t = self.objective.sample_t(self.batch, g["timesteps"], self.device)[rows]  # [b]
         if cfg.model.num_classes is None:
             labels = None
         elif cfg.train.label_dropout > 0:  # classifier-free guidance: the null label is num_classes
-            drop = torch.rand(labels.shape, generator=g["labels"], device=self.device) < cfg.train.label_dropout
+            drop = torch.rand((self.batch,), generator=g["labels"], device=self.device)[rows] < cfg.train.label_dropout
             labels = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels)
-        loss = self.objective.loss(self.net_fn, x0, noise, t, labels).mean()  # per-sample -> batch mean
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.nimg += x0.shape[0]
+        if self.micro == self.share:
+            loss = self.objective.loss(self.net_fn, x0, noise, t, labels).mean()  # per-sample -> batch mean
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients over the ranks
+        else:
+            loss = self.accumulate(x0, noise, t, labels)
+        self.nimg += self.batch
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.nimg)
         if cfg.train.grad_clip > 0:
@@ -127,15 +151,35 @@ class TrainingLoop:
         bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, self.step), self.first_bad_step)
 
+    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   labels: torch.Tensor | None) -> torch.Tensor:
+        """Gradients of this rank's batch mean, from micro-batches of train.batch_gpu images (DDP averages them
+        over the ranks once, after the last); returns the batch mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = torch.zeros((), device=self.device), x0.shape[0]
+        for start in range(0, count, self.micro):
+            part = slice(start, start + self.micro)
+            last = start + self.micro >= count
+            with nullcontext() if last or self.ddp is self.net else self.ddp.no_sync():
+                loss = self.objective.loss(self.net_fn, x0[part], noise[part], t[part],
+                                           None if labels is None else labels[part]).sum() / count
+                loss.backward()
+            total += loss.detach()
+        return total
+
     # --- snapshots -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The snapshot; with several processes a collective (every rank's dropout state is gathered)."""
+        rng = {**{name: g.get_state() for name, g in self.generators.items()}, "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+        if self.world > 1:
+            rng.update(train_ranks.rank_states(self.device))
         return {
             "kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, "train_s": self.train_s,
             "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "rng": {**{name: g.get_state() for name, g in self.generators.items()}, "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-            "data": self.stream.state_dict(),
+            "rng": rng,
+            "data": self.stream.state_dict(), "world_size": self.world,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -152,19 +196,25 @@ class TrainingLoop:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.stream.load_state_dict(state["data"])
         self.step, self.nimg, self.train_s = int(state["step"]), int(state["nimg"]), float(state["train_s"])
+        self.saved_world = train_ranks.restore_dropout(state, self.device, self.dropout_seed(self.step))
         self.tick_step = self.step
 
+    @lowers_on_oom("sample.batch_size", "while drawing the snapshot grid")
     def snapshot(self) -> Path:
         kimg = self.nimg / 1000
         path = checkpoint.path_for(self.run, kimg)
-        checkpoint.save(path, self.state_dict())
+        state = self.state_dict()  # on every rank; rank 0 alone writes
+        distributed.on_main(lambda: self.write_snapshot(path, state, kimg))
+        return path
+
+    def write_snapshot(self, path: Path, state: dict, kimg: float) -> None:
+        checkpoint.save(path, state)
         images = generate(self.ema, self.cfg, list(range(self.cfg.sample.grid_size)),
                           sampler=self.cfg.sample.sampler, steps=self.cfg.sample.steps,
                           guidance=self.cfg.sample.guidance, batch=self.cfg.sample.batch_size, device=self.device)
         save_png(grid_image(images), self.run.grid_path(kimg))
         checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg,
                          self.cfg.train.batch_size)
-        return path
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run_loop(self, reporter: Reporter, scored_kimg: frozenset[float] = frozenset()) -> None:
@@ -205,6 +255,7 @@ class TrainingLoop:
                 self.fid_point(reporter)
             tick_start, tick_nimg = time.perf_counter(), self.nimg
 
+    @lowers_on_oom("eval.batch_size", "while scoring FID")
     def fid_point(self, reporter: Reporter) -> None:
         row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
                                 progress=reporter.bars)
@@ -217,22 +268,24 @@ class TrainingLoop:
             torch.cuda.synchronize(self.device)
 
     def check_finite(self) -> None:
-        bad = int(self.first_bad_step)
+        bad = train_ranks.first_bad_step(self.first_bad_step)  # over every rank
         if bad >= 0:
             kept = checkpoint.list_checkpoints(self.run)
             where = f"the last good checkpoint is {kept[-1].path.name}" if kept else "no checkpoint was written"
-            raise TrainingDiverged(f"loss is not finite at step {bad} ({self.run.path}); {where}. Lower train.lr, "
-                                   f"raise train.warmup_kimg or check the data, then resume or start again")
+            raise distributed.everywhere(TrainingDiverged(
+                f"loss is not finite at step {bad} ({self.run.path}); {where}. Lower train.lr, raise "
+                f"train.warmup_kimg or check the data, then resume or start again"))
 
     def log_tick(self, reporter: Reporter, img_per_s: float, steps: int) -> None:
-        row = {"kimg": round(self.nimg / 1000, 6), "step": self.step,
-               "loss": float(self.loss_sum) / max(steps, 1), "lr": self.lr_at(self.nimg),
-               "img_per_s": img_per_s, **self.meter.summary(), "train_s": self.train_s,
-               "peak_mem_mib": peak_memory_mib(self.device), "time": time.time()}
+        """The tick's row (rank 0 writes it): loss and pairing diagnostics averaged over the ranks, img/s of all."""
+        loss, pairing, peak = train_ranks.reduce_tick(float(self.loss_sum) / max(steps, 1), self.meter.summary(),
+                                                      peak_memory_mib(self.device), self.device)
+        row = {"kimg": round(self.nimg / 1000, 6), "step": self.step, "loss": loss, "lr": self.lr_at(self.nimg),
+               "img_per_s": img_per_s, **pairing, "train_s": self.train_s, "peak_mem_mib": peak,
+               "world_size": self.world, "time": time.time()}
         self.loss_sum.zero_()
         self.tick_step = self.step
-        self.run.append_metrics(row)
-        reporter.tick(row)
+        distributed.on_main(lambda: (self.run.append_metrics(row), reporter.tick(row)) and None)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -255,38 +308,58 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
     from .metrics.scorer import append_fid_row, read_fid_rows
 
     device = pick_device(cfg.train.device)
+    assigners.check_available(cfg.assigner)  # an optional solver that is missing fails before anything is written
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
     if cfg.model.num_classes is not None and int(data.labels.max()) >= cfg.model.num_classes:
-        raise UserError(f"model.num_classes: the data has labels up to {int(data.labels.max())}; set "
-                        f"model.num_classes >= {int(data.labels.max()) + 1}")
-    run = _open_or_create(cfg, out_root, run_dir, resume, argv, device)
-    with run.lock():
-        if resume and run.config() != cfg:
-            run.write_config(cfg)
-        loop = TrainingLoop(cfg, run, data, device, scorer, fid_sink=lambda row: append_fid_row(run, row))
-        with Reporter(run, cfg, console) as reporter:
+        raise distributed.everywhere(UserError(f"model.num_classes: the data has labels up to "
+                                               f"{int(data.labels.max())}; set model.num_classes >= "
+                                               f"{int(data.labels.max()) + 1}"))
+    train_ranks.split_batch(cfg, distributed.world())  # a batch that does not split fails before any write
+    run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
+    with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
+        loop = TrainingLoop(cfg, run, data, device, scorer,
+                            fid_sink=lambda row: distributed.on_main(lambda: append_fid_row(run, row)))
+        reporter = Reporter(run, cfg, console) if distributed.is_main() else train_ranks.SilentReporter(run, cfg)
+        with reporter:
+            if loop.world > 1 or loop.micro < loop.share:
+                reporter.note(f"{loop.world} process(es) x {loop.share} images per step, {loop.micro} per pass; "
+                              f"assignment scope {train_ranks.scope(cfg)}")
             _restore(loop, run, reporter)
-            loop.run_loop(reporter, frozenset(round(float(r["kimg"]), 6) for r in read_fid_rows(run)))
+            if resume:  # only once the new config has built and restored the loop
+                distributed.on_main(lambda: run.config() != cfg and run.write_config(cfg))
+            scored = distributed.on_main(lambda: frozenset(round(float(r["kimg"]), 6) for r in read_fid_rows(run)))
+            loop.run_loop(reporter, scored)
     return run
 
 
 def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: bool, argv, device) -> runs.Run:
+    world = distributed.world()
     if run_dir is None:
-        return runs.create_run(out_root, cfg, argv, str(device))
+        return train_ranks.record_processes(runs.create_run(out_root, cfg, argv, str(device)), cfg, world)
     if resume or (Path(run_dir) / runs.CONFIG).is_file():
         run = runs.open_run(run_dir)
         if not resume and run.config().digest() != cfg.digest():
             raise UserError(f"{run_dir}: holds a run with another config; continue it with `immiscible train "
                             f"--resume {run_dir}` or pick a new --run-dir")
         return run
-    return runs.create_run_at(Path(run_dir), cfg, argv, str(device))
+    return train_ranks.record_processes(runs.create_run_at(Path(run_dir), cfg, argv, str(device)), cfg, world)
 
 
 def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:
-    resumed = checkpoint.resume(run, loop.load_state_dict, map_location=loop.device)
+    # we hold the run's lock: no snapshot is being written
+    for path in distributed.on_main(lambda: checkpoint.remove_leftovers(run)):
+        reporter.note(f"removed {path.name}, left by a snapshot write that was killed")
+    if distributed.active():
+        resumed = train_ranks.resume(loop, run)
+    else:
+        resumed = checkpoint.resume(run, loop.load_state_dict, map_location=loop.device,
+                                    expected=expected_snapshot(loop.cfg))
     if resumed is None:
         return
     for message in resumed.skipped:
         reporter.note(f"skipping {message}")
     reporter.note(f"resumed from {resumed.checkpoint.path.name} (step {loop.step}, {loop.nimg / 1000:g} kimg)"
                   + (f"; dropped {resumed.dropped_rows} log rows written after it" if resumed.dropped_rows else ""))
+    note = train_ranks.resumed_note(loop.saved_world)
+    if note:
+        reporter.note(note)

@@ -309,3 +309,33 @@ def test_cuda_knn_matches_its_stream_and_vanilla(monkeypatch, group_candidates, 
 if __name__ == "__main__":  # print fresh goldens (to update GOLDEN on purpose)
     for golden_name in GOLDEN:
         print(golden_name, *golden_values(golden_name))
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp16"])
+def test_lapjv_finds_an_assignment_as_cheap_as_scipys(quantize):
+    pytest.importorskip("lap")
+    x = torch.randn(96, 48, generator=gen(5))
+    n = torch.randn(96, 48, generator=gen(6))
+    cost, _, _ = linear.cost_matrix(x, n, "l2", quantize)  # fp16 costs have ties: the optimum need not be unique
+    c = cost.double()
+    rows = torch.arange(96)
+    by_scipy, by_lapjv = linear.solve(cost, "scipy"), linear.solve(cost, "lapjv")
+    assert sorted(by_lapjv.tolist()) == list(range(96))  # a permutation
+    assert c[rows, torch.from_numpy(by_lapjv)].sum().item() == pytest.approx(
+        c[rows, torch.from_numpy(by_scipy)].sum().item(), rel=1e-12)
+    assert linear.solve(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]), "lapjv").tolist() == [2, 0, 1]
+
+
+def test_lapjv_without_the_package_is_one_line_exit_2(tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from immiscible_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "lap", None)  # import lap -> ImportError
+    result = CliRunner().invoke(app, ["train", "--preset", "quickstart", "--out", str(tmp_path / "runs"),
+                                      "--set", "assigner.name=linear", "--set", "assigner.solver=lapjv"])
+    assert result.exit_code == 2, result.output
+    assert "assigner.solver: lapjv needs the `lap` package" in result.output
+    assert not (tmp_path / "runs").exists()  # failed before anything was written

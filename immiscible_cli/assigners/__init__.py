@@ -34,9 +34,15 @@ def pair(x0: Tensor, cfg: AssignerConfig, generator: torch.Generator,
     return ASSIGNERS[cfg.name](x0, cfg, generator, stats)
 
 
+def check_available(cfg: AssignerConfig) -> None:
+    """Fail early, with one line, when the rule needs an optional package that is not installed."""
+    if isinstance(cfg, LinearAssigner) and cfg.solver == "lapjv":
+        linear.lap_module()
+
+
 def decode(samples: Tensor, cfg: AssignerConfig) -> Tensor:
     """Generated samples back to data range: divided by `image_scale` (improved paper), clamped to [-1, 1]."""
     return (samples / cfg.image_scale).clamp(-1.0, 1.0)
 
 
-__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "decode", "pair"]
+__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "check_available", "decode", "pair"]

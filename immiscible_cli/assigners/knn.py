@@ -55,12 +55,14 @@ def chunk_bytes(groups: list[int], batch: int, dim: int, itemsize: int, carried:
     return held
 
 
-def plan_chunks(batch: int, dim: int, k: int, itemsize: int, budget_bytes: float) -> list[list[int]]:
+def plan_chunks(batch: int, dim: int, k: int, itemsize: int, budget_bytes: float,
+                draw_batch: int | None = None) -> list[list[int]]:
     """Split the draw groups into chunks (consecutive, whole groups) whose `chunk_bytes` fit the budget.
 
     A chunk always holds at least one group, so a budget below one group is exceeded (see the module docstring).
+    `draw_batch`: the batch the stream is drawn for when `batch` is one process's share of it (assigners/shard.py).
     """
-    groups = draw_groups(batch, dim, k)
+    groups = draw_groups(draw_batch or batch, dim, k)
     if chunk_bytes(groups, batch, dim, itemsize, carried=False) <= budget_bytes:
         return [groups]
     chunks: list[list[int]] = [[]]
@@ -87,16 +89,17 @@ def squared_distances(x: Tensor, sq_x: Tensor, candidates: Tensor) -> Tensor:
     return torch.baddbmm(base, x, candidates.permute(1, 2, 0), alpha=-2).view(batch, group)  # [B, g]
 
 
-def select_nearest(x0: Tensor, k: int, generator: torch.Generator,
-                   budget_bytes: float) -> tuple[Tensor, Tensor, Tensor]:
+def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes: float,
+                   draw_batch: int | None = None, shard_rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """For each image of x0 [B, C, H, W], the nearest of its k candidates.
 
     Returns (noise [B, C, H, W], |x - n|^2 of the chosen [B], |x - n|^2 of candidate 0 [B]), the last two in fp32
-    (fp64 for fp64 inputs).
+    (fp64 for fp64 inputs). With `draw_batch` and `shard_rows`, x0 holds those rows of a batch of draw_batch images:
+    every draw group is drawn for the whole batch (the stream of one process) and only these rows are scored.
     """
     batch, dim, itemsize = x0.shape[0], x0[0].numel(), x0.element_size()
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    chunks = plan_chunks(batch, dim, k, itemsize, budget_bytes)
+    chunks = plan_chunks(batch, dim, k, itemsize, budget_bytes, draw_batch)
     carried = len(chunks) > 1
     peak = max(chunk_bytes(chunk, batch, dim, itemsize, carried) for chunk in chunks)
     if peak > budget_bytes:
@@ -119,7 +122,11 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator,
             # One randn call per draw group, in stream order, scored group by group: a group's scores are then
             # bit-identical however the groups are chunked, so the budget never changes the result.
             slab = buffer[offset + start:offset + start + group]  # [g, B, C, H, W]
-            torch.randn(slab.shape, generator=generator, dtype=x0.dtype, device=x0.device, out=slab)
+            if shard_rows is None:
+                torch.randn(slab.shape, generator=generator, dtype=x0.dtype, device=x0.device, out=slab)
+            else:  # the whole batch's draw [g, draw_batch, C, H, W], of which this process keeps its rows
+                slab.copy_(torch.randn((group, draw_batch, *x0.shape[1:]), generator=generator, dtype=x0.dtype,
+                                       device=x0.device)[:, shard_rows])
             score[:, start:start + group] = squared_distances(x, sq_x, slab.view(group, batch, dim).to(work))
             start += group
         chunk_best, pick = score.min(dim=1)  # [B]; ties go to the first index, as over all k at once

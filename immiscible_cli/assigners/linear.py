@@ -1,7 +1,7 @@
 """Linear-assignment pairing (NeurIPS 2024 paper, "Immiscible Diffusion", the "one line of code").
 
 Draw B noises for the B images (the vanilla draw), build the B x B cost between images (rows) and noises (columns),
-solve the linear assignment problem min_sigma sum_i cost[i, sigma(i)] with scipy on the CPU, and give image i the
+solve the linear assignment problem min_sigma sum_i cost[i, sigma(i)] on the CPU (scipy, or LAPJV: `solver`), and give image i the
 noise sigma(i). The result is a permutation of i.i.d. N(0, I) draws, so the batch's noise marginal stays exactly
 Gaussian; labels stay with their image (only the noise moves). Cost: `l2` |x_i - n_j| (the papers' choice) or
 `sqeuclidean` |x_i - n_j|^2 (optimal transport's). `quantize: fp16` is the papers' "quantized assignment".
@@ -17,6 +17,7 @@ from torch import Tensor
 from immiscible_cli.assigners import vanilla
 from immiscible_cli.assigners.vanilla import draw_noise, record_stats, scale_images
 from immiscible_cli.config import LinearAssigner
+from immiscible_cli.errors import UserError
 
 # fp16 operands times fp16 operands with an fp32 result: CUDA has it as an overload of mm (recent PyTorch).
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
@@ -70,13 +71,33 @@ def cost_matrix(x: Tensor, noise: Tensor, cost: str, quantize: str) -> tuple[Ten
     return (sq.sqrt() if cost == "l2" else sq), sq, sq_n
 
 
-def solve(cost: Tensor) -> np.ndarray:
+class SolverMissing(UserError):
+    """`assigner.solver: lapjv` without the `lap` package installed."""
+
+
+def lap_module():
+    """The optional `lap` package (LAPJV), or a one-line error saying how to install it."""
+    try:
+        import lap
+    except ImportError:
+        raise SolverMissing("assigner.solver: lapjv needs the `lap` package; install it with "
+                            "pip install 'immiscible[lapjv]' (or pip install lap), or set assigner.solver=scipy") from None
+    return lap
+
+
+def solve(cost: Tensor, solver: str = "scipy") -> np.ndarray:
     """Optimal assignment for a [B, B] cost: `order[i]` is the noise (column) given to image (row) i.
 
     scipy returns (row_ind, col_ind) with col_ind[t] matched to row_ind[t]; writing order[row_ind] = col_ind keeps
     the direction right whatever order the rows come back in (the inverse permutation would be a silent bug).
+    LAPJV returns x with x[i] the column of row i directly. With ties the two may pick different optimal
+    assignments; their total cost is the same.
     """
-    rows, cols = linear_sum_assignment(cost.cpu().to(torch.float64).numpy())
+    matrix = cost.cpu().to(torch.float64).numpy()
+    if solver == "lapjv":
+        _, x, _ = lap_module().lapjv(matrix, extend_cost=False)
+        return np.asarray(x, dtype=np.int64)
+    rows, cols = linear_sum_assignment(matrix)
     order = np.empty(cost.shape[0], dtype=np.int64)
     order[rows] = cols
     return order
@@ -101,7 +122,7 @@ def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
     noise = draw_noise(x0_paired, generator)  # [B, C, H, W], the vanilla draw
     with torch.no_grad():
         cost, sq_dist, sq_noise = cost_matrix(x0_paired.flatten(1), noise.flatten(1), cfg.cost, cfg.quantize)
-        order = torch.from_numpy(solve(cost)).to(noise.device)  # [B]; the host sync this rule cannot avoid
+        order = torch.from_numpy(solve(cost, cfg.solver)).to(noise.device)  # [B]; the host sync this rule cannot avoid
         paired_noise = noise.index_select(0, order)  # [B, C, H, W]: image i gets noise order[i]
         if stats is not None:
             chosen = sq_dist[torch.arange(batch, device=noise.device), order]  # [B]

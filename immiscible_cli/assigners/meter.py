@@ -12,7 +12,7 @@ import time
 import torch
 from torch import Tensor
 
-from immiscible_cli.assigners import AssignerConfig, pair
+from immiscible_cli.assigners import AssignerConfig, PairFn, pair
 
 STAT_KEYS = ("pair_dist", "random_dist", "noise_sqnorm")
 
@@ -20,8 +20,9 @@ STAT_KEYS = ("pair_dist", "random_dist", "noise_sqnorm")
 class PairingMeter:
     """Calls `pair` with a stats dict, timing it, and accumulates per-call stats until `summary`."""
 
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str, pair_fn: PairFn = pair):
+        """`pair_fn`: the pairing called (assigners.pair, or a process's share of it: assigners/shard.py)."""
+        self.device, self.pair_fn = torch.device(device), pair_fn
         self._cuda = self.device.type == "cuda"
         self._reset()
 
@@ -38,12 +39,12 @@ class PairingMeter:
             stream = torch.cuda.current_stream(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            out = pair(x0, cfg, generator, stats)
+            out = self.pair_fn(x0, cfg, generator, stats)
             end.record(stream)
             self._events.append((start, end))
         else:
             began = time.perf_counter()
-            out = pair(x0, cfg, generator, stats)
+            out = self.pair_fn(x0, cfg, generator, stats)
             self._cpu_seconds += time.perf_counter() - began
         values = torch.stack([stats[key] for key in STAT_KEYS])  # [3]
         self._sums = values if self._sums is None else self._sums.add_(values)

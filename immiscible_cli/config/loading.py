@@ -20,7 +20,7 @@ from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIV
 # Fields `immiscible train --resume RUN --set ...` may change: none of them alters the training math, so a run
 # extended this way is the same run as one configured with the new values from the start.
 RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
-                       "train.keep_every_kimg", "sample.", "eval.")
+                       "train.keep_every_kimg", "train.batch_gpu", "sample.", "eval.")
 
 
 def resumable(field: str) -> bool:
@@ -79,6 +79,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML file") from None
+    except yaml.reader.ReaderError as e:  # valid UTF-8 with control characters (a NUL byte, say)
+        raise ConfigError(f"{path}: not a text file (character {e.position + 1} is a control character YAML "
+                          f"does not allow); give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -153,6 +158,9 @@ def _format_error(err: dict[str, Any]) -> tuple[str, str]:
     if kind == "union_tag_not_found":
         tag = "kind" if path == "objective" else "name"
         return f"{path}.{tag}", f"{path}: missing '{tag}' field, which picks the variant"
+    if kind == "finite_number":
+        return path, (f"{path}: expected a finite number, got {err.get('input')!r} (YAML reads .inf, .nan and "
+                      f"numbers beyond 1.8e308 such as 1e400 as non-finite); give a plain number")
     if not path:  # a cross-field rule of Config: its message starts with the field path already
         return msg.split(":", 1)[0], msg
     shown = err.get("input")
@@ -211,6 +219,13 @@ def check_sampler(kind: str, sampler: str, option: str = "--sampler") -> None:
     if sampler not in SAMPLERS[kind]:
         raise ConfigError(f"{option} {sampler}: this run trains a {kind} objective "
                           f"(accepted: {', '.join(SAMPLERS[kind])})")
+
+
+def check_steps(cfg: Config, steps: int, option: str = "--steps") -> None:
+    """ConfigError unless a sampler of this run can take `steps` steps (ddpm: at most objective.timesteps)."""
+    if cfg.objective.kind == "ddpm" and steps > cfg.objective.timesteps:
+        raise ConfigError(f"{option} {steps}: this run has objective.timesteps {cfg.objective.timesteps}; use at "
+                          f"most that many steps")
 
 
 def load_run_config(path: Path) -> Config:

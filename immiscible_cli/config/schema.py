@@ -13,15 +13,33 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_PRESET = "quickstart"
 SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "dopri5")}
 SamplerName = Literal[tuple(name for names in SAMPLERS.values() for name in names)]  # type: ignore[valid-type]
 
 
+MAX_KIMG = 1e9
+"""Upper bound of every kimg length or interval (10^12 images), so that kimg x 1000 is an exact integer count."""
+
+
+def _off_or_one_image(value: float) -> float:
+    """A kimg interval where 0 means off: anything else must be at least one image (it is rounded to images)."""
+    if 0 < value < 0.001:
+        raise ValueError("use 0 (off) or at least 0.001 kimg (one image)")
+    return value
+
+
+Kimg = Annotated[float, Field(ge=0.001, le=MAX_KIMG)]  # a length or interval of at least one image
+OptionalKimg = Annotated[float, Field(ge=0.0, le=MAX_KIMG), AfterValidator(_off_or_one_image)]  # 0 = off
+AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    """Every section forbids unknown fields and non-finite floats (inf, nan, 1e400): no field opts out."""
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,11 +78,11 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     channels: int = Field(128, ge=8)
     """Base channel count of the UNet, in channels."""
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    channel_mult: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
     """Channel multiplier per resolution level; len - 1 downsamplings."""
     num_res_blocks: int = Field(2, ge=1)
     """Residual blocks per resolution level."""
-    attn_resolutions: list[int] = Field(default_factory=lambda: [16])
+    attn_resolutions: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16])
     """Feature-map sides (in pixels) at which self-attention is applied."""
     head_channels: int = Field(64, ge=1)
     """Channels per attention head (heads = channels at that level / head_channels)."""
@@ -125,6 +143,13 @@ class LinearAssigner(_AssignerBase):
     """Image-noise cost: L2 distance (the papers' choice) or squared L2 (the optimal-transport choice)."""
     quantize: Literal["none", "fp16"] = "none"
     """`fp16` computes the cost matrix in fp16 after a pre-scale (the papers' quantized assignment)."""
+    solver: Literal["scipy", "lapjv"] = "scipy"
+    """Exact solver of the assignment: scipy's `linear_sum_assignment`, or LAPJV from the optional `lap` package
+    (`pip install 'immiscible[lapjv]'`), faster at large batches; both give an optimal assignment."""
+    scope: Literal["global", "local"] = "global"
+    """With several processes (torchrun): `global` solves one assignment over the whole train.batch_size (the
+    images are gathered to rank 0, as the official code does), `local` one per process over its share. One
+    process: the same."""
 
 
 class KNNAssigner(_AssignerBase):
@@ -148,36 +173,39 @@ Assigner = Annotated[Union[tuple(ASSIGNER_SECTIONS.values())], Field(discriminat
 class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1)
     """Images per optimisation step (over all devices)."""
-    total_kimg: float = Field(200_000.0, gt=0.0)
-    """Training length, in thousands of images."""
+    batch_gpu: int | None = Field(None, ge=1)
+    """Images per forward/backward pass on each process; the gradients of batch_size / processes / batch_gpu
+    passes are accumulated into one step (a divisor of that share). None = the whole share in one pass."""
+    total_kimg: Kimg = 200_000.0
+    """Training length, in thousands of images (at least 0.001, one image)."""
     lr: float = Field(2e-4, gt=0.0)
     """Peak learning rate."""
     optimizer: Literal["adam", "adamw"] = "adam"
     """Optimiser."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.999)
+    """Adam betas, each in [0, 1)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """Weight decay (decoupled for adamw)."""
-    warmup_kimg: float = Field(640.0, ge=0.0)
+    warmup_kimg: float = Field(640.0, ge=0.0, le=MAX_KIMG)
     """Linear learning-rate warm-up, in thousands of images (640 kimg = 5k steps at batch 128)."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Gradient-norm clipping threshold; 0 = off."""
     ema_decay: float | None = Field(0.9999, ge=0.0, lt=1.0)
     """EMA decay per step (used when ema_halflife_kimg is None)."""
-    ema_halflife_kimg: float | None = Field(None, gt=0.0)
+    ema_halflife_kimg: float | None = Field(None, gt=0.0, le=MAX_KIMG)
     """EMA half-life in thousands of images; when set it replaces ema_decay."""
     ema_warmup: bool = False
     """EMA warm-up as in tqch/ddpm-torch: the decay at step n is min(decay, (1 + n) / (10 + n)), so early
     averages are not dominated by the random initialisation."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of dropping the class label (classifier-free guidance); conditional models only."""
-    tick_kimg: float = Field(10.0, gt=0.0)
+    tick_kimg: Kimg = 10.0
     """Status line and metrics row every this many thousand images."""
-    snapshot_kimg: float = Field(1000.0, gt=0.0)
+    snapshot_kimg: Kimg = 1000.0
     """Checkpoint and sample grid every this many thousand images."""
     keep_last: int = Field(3, ge=1)
     """Checkpoints kept (newest first), besides the keep_every_kimg ones."""
-    keep_every_kimg: float = Field(0.0, ge=0.0)
+    keep_every_kimg: OptionalKimg = 0.0
     """Also keep every checkpoint at a multiple of this many thousand images; 0 = none."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto = CUDA when available."""
@@ -221,7 +249,7 @@ class SampleConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every_kimg: float = Field(0.0, ge=0.0)
+    every_kimg: OptionalKimg = 0.0
     """FID every this many thousand images during training; 0 = off."""
     num_images: int = Field(10_000, ge=2)
     """Generated images per FID point."""
@@ -248,8 +276,9 @@ class EvalConfig(_Section):
 class Config(_Section):
     name: str = Field(DEFAULT_PRESET, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name; the run directory is named NNNNN-name."""
-    seed: int = Field(0, ge=0)
-    """Seed of every random draw in training (data order, flips, noise, timesteps, dropout, initialisation)."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seed of every random draw in training (data order, flips, noise, timesteps, dropout, initialisation);
+    0 to 2^32 - 1."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     objective: Objective = Field(default_factory=DDPMObjective)
@@ -273,6 +302,18 @@ class Config(_Section):
         if self.data.resolution % (2 ** levels):
             raise ValueError(f"data.resolution: {self.data.resolution} is not divisible by 2^{levels} "
                              f"(model.channel_mult has {levels + 1} levels); use a multiple of {2 ** levels}")
+        m = self.model  # attention at the attn_resolutions sides and always in the middle block (models/unet.py)
+        widths = {m.channels * mult for level, mult in enumerate(m.channel_mult)
+                  if self.data.resolution // 2 ** level in m.attn_resolutions} | {m.channels * m.channel_mult[-1]}
+        bad = sorted(w for w in widths if w >= m.head_channels and w % m.head_channels)
+        if bad:
+            raise ValueError(f"model.head_channels: {m.head_channels} does not divide the {bad[0]} channels of an "
+                             f"attention level (model.channels x channel_mult); use a divisor of {bad[0]}")
+        if self.objective.kind == "ddpm":  # the samplers visit distinct timesteps (objectives/ddpm.py)
+            for path, steps in (("sample.steps", self.sample.steps), ("eval.steps", self.eval.steps)):
+                if steps > self.objective.timesteps:
+                    raise ValueError(f"{path}: {steps} is more than objective.timesteps "
+                                     f"({self.objective.timesteps}); use at most that many steps")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ comparable (`FID_SETTINGS`), with its reader and writer.
 `FIDScorer` is built by the command (`train` hands it to the trainer, which calls `score` on its EMA network every
 eval.every_kimg; `eval` calls it on checkpoints). Generated images never pile up: each batch is sampled, resized
 and turned into features that only update running sums, so 50k images cost the memory of one batch and one
-[2048, 2048] matrix (features are kept only for KID).
+[2048, 2048] matrix (features are kept only for KID). Under torchrun every rank makes its share of the batches
+and the sums are reduced (metrics/shards.py); rank 0 computes the distance, and every rank returns the row.
 
 A fid.jsonl row:
     kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
@@ -24,12 +25,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import distributed
 from ..config import Config, ConfigError, check_sampler
 from ..console import Progress
 from ..data import load_images
-from ..files import FileFormatError, append_jsonl, read_jsonl
-from ..runs import Run
+from ..files import append_jsonl, read_jsonl
+from ..runs import FID_ROW, Run
 from .features import FIDExtractor
+from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
 from .stats import FeatureStats, compute_kid, frechet_distance
 
@@ -44,15 +47,14 @@ def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_fid_rows(run: Run) -> list[dict[str, Any]]:
-    """The run's fid.jsonl rows in file order (sort by kimg where order matters)."""
-    rows = read_jsonl(run.fid_path())
-    for line, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise FileFormatError(f"{run.fid_path()}: row {line} is not a JSON object")
-    return rows
+    """The run's fid.jsonl rows in file order (sort by kimg where order matters). A row that is not an object or
+    lacks a number `kimg` or `fid` (runs.FID_ROW) is a FileFormatError naming the line; a cut-off last line is
+    ignored with a warning."""
+    return read_jsonl(run.fid_path(), FID_ROW)
 
 
 def append_fid_row(run: Run, row: dict[str, Any]) -> None:
+    """Append one row (after moving a cut-off last line aside); the caller holds the run's lock."""
     append_jsonl(run.fid_path(), row)
 
 
@@ -126,7 +128,7 @@ class FIDScorer:
         evaluations of each batch are appended to `nfe`."""
         from ..sampling import generate
 
-        for first in range(0, self.num_images, self.batch):
+        for first in shards.batch_starts(self.num_images, self.batch):  # several processes: this rank's batches
             seeds = list(range(first, min(first + self.batch, self.num_images)))
             yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,
                            guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device, nfe=nfe)
@@ -137,16 +139,25 @@ class FIDScorer:
         start = time.perf_counter()
         was_training = net.training
         net.eval()
-        report = (lambda done: progress(done, self.num_images, "FID")) if progress else None
+        world = distributed.world()  # each rank counts its own images: shown as all ranks' share
+        report = (lambda done: progress(min(done * world, self.num_images), self.num_images, "FID")) \
+            if progress else None
         nfe: list[int] = []
         try:
             stats = self.extractor.stats(self.generated(net, nfe), report, keep_features=self.kid)
         finally:
             net.train(was_training)
-        fid = frechet_distance(*stats.mean_cov(), self.ref_mu, self.ref_sigma)
-        row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema), "nfe": sum(nfe) / len(nfe)}
-        if self.kid:
-            row["kid"] = self._kid(stats)
+        stats, nfe = shards.combine(stats, nfe, self.num_images, self.batch, self.device)
+
+        def scored() -> dict[str, Any]:  # rank 0 computes the distance; every rank returns its row
+            fid = frechet_distance(*stats.mean_cov(), self.ref_mu, self.ref_sigma)
+            row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema),
+                   "nfe": sum(nfe) / len(nfe)}
+            if self.kid:
+                row["kid"] = self._kid(stats)
+            return row
+
+        row = distributed.on_main(scored)
         return {**row, "seconds": time.perf_counter() - start, "train_s": train_s, "time": time.time()}
 
     def _kid(self, stats: FeatureStats) -> float:

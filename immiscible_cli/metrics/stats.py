@@ -54,6 +54,16 @@ class FeatureStats:
         cov = (self.outer - self.count * np.outer(mean_centred, mean_centred)) / (self.count - 1)
         return self.shift + mean_centred, cov
 
+    def about(self, shift: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sum [D], outer [D, D]) of the rows taken about `shift` instead of self.shift (zeros when there are none):
+        with d = self.shift - shift, sum + N d and outer + sum d^T + d sum^T + N d d^T (so sums of several sets can
+        be added: metrics/shards.py)."""
+        if self.count == 0:
+            return np.zeros(dim), np.zeros((dim, dim))
+        d = self.shift - shift
+        outer = self.outer + np.outer(self.sum, d) + np.outer(d, self.sum) + self.count * np.outer(d, d)
+        return self.sum + self.count * d, outer
+
     def features(self) -> np.ndarray:
         """Every row seen, [N, D] (only with keep_features=True)."""
         if not self.keep_features:
