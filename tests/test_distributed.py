@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import dist_workers
 from conftest import TINY
 from dist_workers import EVAL, KNN, NO_DROPOUT, PAIRINGS, pairing_batch, sets
 
-from immiscible_cli import assigners, checkpoint, distributed, runs, train_ranks, trainer
+from immiscible_cli import assigners, checkpoint, distributed, runs, train_ranks
 from immiscible_cli.assigners import linear
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
