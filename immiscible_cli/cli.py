@@ -198,9 +198,11 @@ def train(
     from .metrics.scorer import training_scorer
     from .networks import pick_device
 
+    from . import loggers
     from .assigners import check_available
 
     check_available(cfg.assigner)  # an optional solver that is not installed fails before any work
+    loggers.check_available(cfg.train.loggers)  # and so does a logger's extra (tensorboard, wandb)
     train_ranks.split_batch(cfg, distributed.world())  # and a batch the processes cannot share
     option = "--resume" if resume is not None else "--run-dir" if run_dir is not None else "--out"
     on_rank0(lambda: check_writable(target if option != "--out" else out_dir, "folder", option))  # before work
@@ -223,6 +225,8 @@ def train(
     "immiscible sample runs/00003-cifar10-knn --seeds 0-999 --out samples/ --steps 100",
     "the snapshot at 2000 kimg, ancestral sampler, raw (non-EMA) weights",
     "immiscible sample runs/00004-fmnist-knn --ckpt 2000 --sampler ddpm --no-ema --num 16 --grid g.png",
+    "in-paint the centre of photo.png 4 times (seeds 0..3); white = generate in a mask file",
+    "immiscible sample runs/00003-cifar10-knn --inpaint --image photo.png --mask center --out edits/",
 ))
 @reports_user_errors
 def sample(
@@ -247,6 +251,14 @@ def sample(
                                                  "a .png file.")] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    inpaint: Annotated[bool, typer.Option("--inpaint", help="Edit --image: generate the --mask region, keep the "
+                                          "rest; --num/--seeds edits per image (default 4).")] = False,
+    image: Annotated[Optional[Path], typer.Option(help="With --inpaint: an image file or a folder of them.")]
+    = None,
+    mask: Annotated[Optional[str], typer.Option(help="With --inpaint: center | left-half | outpaint-8px, or a PNG "
+                                                "(white = generate, black = keep). Default: center.")] = None,
+    resample: Annotated[int, typer.Option(min=0, help="With --inpaint: RePaint jumps back per step "
+                                          "(0 = off).")] = 0,
 ) -> None:
     """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
     one_process("sample")
@@ -254,6 +266,14 @@ def sample(
     from .console import Bars
     from .files import check_writable
 
+    if not inpaint:
+        for given, option in ((image, "--image"), (mask, "--mask"), (resample or None, "--resample")):
+            if given is not None:
+                fail(f"{option} edits images: add --inpaint (with --image FILE_OR_FOLDER)")
+    elif image is None:
+        fail("--inpaint needs --image FILE_OR_FOLDER: the image(s) to edit")
+    elif not (num or seeds):
+        num = 4
     if out_dir is None and grid is None:
         fail("nothing to write: give --out DIR and/or --grid FILE.png")
     if grid is not None and grid.suffix.lower() != ".png":
@@ -263,6 +283,17 @@ def sample(
     for path, kind, option in ((grid, "file", "--grid"), (out_dir, "folder", "--out")):
         if path is not None:  # before any image is made
             check_writable(path, kind, option)
+    if inpaint:
+        from . import editing
+
+        with Bars(err) as bars:
+            written = editing.inpaint_run(source, ckpt=ckpt, image=image, mask=mask or "center", seeds=chosen,
+                                          steps=steps, sampler=sampler, guidance=guidance, label=class_,
+                                          batch=batch, resample=resample, out_dir=out_dir, grid=grid, ema=ema,
+                                          device=device, progress=bars)
+        for path in written:
+            out.print(f"wrote {path}", markup=False)
+        return
     with Bars(err) as bars:
         written = sampling.sample_run(source, ckpt=ckpt, seeds=chosen, steps=steps, sampler=sampler,
                                       guidance=guidance, label=class_, batch=batch, out_dir=out_dir, grid=grid,
@@ -404,6 +435,70 @@ def study(
     report = study_mod.write_report(spec, folder) if report_only else \
         study_mod.run_study(spec, file, folder, console=out, inception=inception)
     out.print(f"report: {report}", markup=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# analyze
+
+
+@app.command(epilog=examples(
+    "data mode: KNN against vanilla pairing on the preset's own batches, no training",
+    "immiscible analyze --preset fmnist-knn",
+    "several presets, fewer batches, chosen noise levels",
+    "immiscible analyze --preset fmnist-vanilla --preset fmnist-knn --batches 20 --levels 0.5,0.9",
+    "run mode: loss per noise level, bijectivity and diversity of a trained run",
+    "immiscible analyze runs/00003-fmnist-knn --ckpt 1280 --samples 32",
+))
+@reports_user_errors
+def analyze(
+    runs_: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="Run directories (run mode); "
+                                                          "or give --preset instead.")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option("--preset", "-p", help="Preset name or YAML file (data "
+                                                        "mode); repeatable.")] = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: analysis/NAME here, "
+                                                    "or beside the first run).")] = None,
+    batches: Annotated[int, typer.Option(min=2, help="Data mode: batches of train.batch_size images.")] = 100,
+    levels: Annotated[Optional[str], typer.Option(help="Data mode: noise levels in (0, 1], comma list (0 = clean, "
+                                                  "1 = pure noise; DDPM t = level x T). Default: 0.1,0.2,...,1.")]
+    = None,
+    ckpt: Annotated[str, typer.Option(help="Run mode: `latest` or the kimg of a snapshot.")] = "latest",
+    images: Annotated[int, typer.Option(min=1, help="Run mode: held-out images for the loss per bin.")] = 512,
+    bins: Annotated[int, typer.Option(min=1, help="Run mode: noise-level bins of the loss.")] = 10,
+    samples: Annotated[int, typer.Option(min=2, help="Run mode: samples for bijectivity and diversity.")] = 64,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Run mode: sampling steps (default: the run's "
+                                                 "sample.steps).")] = None,
+    no_inception: Annotated[bool, typer.Option("--no-inception", help="Run mode: skip the Inception feature "
+                                               "distances.")] = False,
+    inception: InceptionOpt = None,
+    device: Annotated[str, typer.Option(help="Run mode: auto | cpu | cuda")] = "auto",
+) -> None:
+    """Measure why pairing works: trajectory separation, irreducible loss and noise statistics of presets (data
+    mode), or loss per noise level, bijectivity and diversity of trained runs (run mode)."""
+    one_process("analyze")
+    if runs_ and preset:
+        fail("give run directories (run mode) or --preset (data mode), not both")
+    if not runs_ and not preset:
+        fail("nothing to analyze: give run directories (run mode) or --preset NAME (data mode)")
+    from . import analysis
+
+    if preset:
+        from .analysis.levels import parse_levels
+        from .config import load_config
+
+        configs = [load_config(name, set_ or []) for name in preset]
+        settings = analysis.DataSettings(batches=batches, levels=parse_levels(levels))
+        folder = analysis.analyze_presets(configs, settings, out_dir, out)
+    else:
+        from . import runs
+
+        if set_:
+            fail("--set changes presets (data mode); a run is analysed with its own config")
+        targets = [runs.open_run(path) for path in runs_]
+        settings = analysis.RunSettings(ckpt=ckpt, images=images, bins=bins, samples=samples, steps=steps,
+                                        device=device, inception=inception, use_inception=not no_inception)
+        folder = analysis.analyze_runs(targets, settings, out_dir, out)
+    out.print(f"results: {folder}", markup=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------

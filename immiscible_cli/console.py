@@ -29,19 +29,24 @@ Progress = Callable[[int, int, str], None]  # (done, total, what): how a long ta
 
 
 class Bars:
-    """Rich progress bars on a terminal console; off a terminal (a log file) a plain line per bar at most every
-    `PLAIN_EVERY_S` seconds and at its end, except for `keep`-ed bars (their owner logs them): the one progress
-    helper of every command.
+    """Rich progress bars on a terminal console; off a terminal (a log file, a pipe) plain flushed lines, except for
+    `keep`-ed bars (their owner logs them): the one progress helper of every command.
+
+    A plain line is printed for a bar every `PLAIN_EVERY_S` seconds, each time it passes another tenth of its total
+    (at most one every `PLAIN_MIN_S` seconds, counted from its first update), and at its end. `note(message)` says
+    what a long phase is about to do, on a terminal or not.
 
     `update(what, done, total)` makes the bar `what` on first use; a bar that is not `keep`-ed disappears when it
     reaches its total. `__call__` has the `Progress` signature, so the object is what a long task is handed."""
 
-    PLAIN_EVERY_S = 60.0
+    PLAIN_EVERY_S = 30.0
+    PLAIN_MIN_S = 2.0
 
     def __init__(self, console: Console | None, keep: tuple[str, ...] = ()):
         self.keep, self.console = keep, console
         self.live = console is not None and console.is_terminal
         self.last_line: dict[str, float] = {}
+        self.last_tenth: dict[str, int] = {}
         self.bars = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
                                  transient=not keep) if self.live else None
@@ -71,9 +76,24 @@ class Bars:
         if self.console is None or what in self.keep:
             return
         now = time.monotonic()
-        if done >= total or now - self.last_line.setdefault(what, now) >= self.PLAIN_EVERY_S:
-            self.last_line[what] = now
-            self.console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {what}: {done:g} of {total:g}", markup=False)
+        since = now - self.last_line.setdefault(what, now)
+        tenth = int(10 * done / total) if total > 0 else 0
+        if done >= total or since >= self.PLAIN_EVERY_S or (
+                tenth > self.last_tenth.setdefault(what, tenth) and since >= self.PLAIN_MIN_S):
+            self.last_line[what], self.last_tenth[what] = now, tenth
+            self._line(f"{what}: {done:g} of {total:g}")
+        if done >= total:  # a bar of the same name may start again (the next FID point)
+            self.last_line.pop(what, None)
+            self.last_tenth.pop(what, None)
+
+    def note(self, message: str) -> None:
+        """One timestamped line saying what a long phase does (above the bars on a terminal), flushed."""
+        if self.console is not None:
+            self._line(message)
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}", markup=False, highlight=False)
+        self.console.file.flush()  # a redirected stdout is block-buffered: the line must reach the log now
 
     def __call__(self, done: int, total: int, what: str) -> None:
         self.update(what, done, total)

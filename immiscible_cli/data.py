@@ -6,11 +6,13 @@ Sources (DataConfig.source):
                  /usr/share/datasets/fashion-mnist/ (looked up when no root is given); torchvision download online
   cifar10        ROOT/cifar-10-batches-py/ (read directly) or ROOT/cifar-10-python.tar.gz (md5-checked and
                  extracted by torchvision); torchvision download online
-  imagefolder    any folder tree of images; labels from first-level sub-folders when there are several
+  imagefolder    any folder tree of images; labels from first-level sub-folders (the classes, in sorted order)
 
 Every source gives an `ImageSet` (uint8 [N, C, H, W] at the configured resolution and channel count, labels int64
-[N]). `BatchStream` turns it into training batches: an epoch-seeded permutation, random flips from the training
-generator, float in [-1, 1], on the GPU without host copies when the set is resident there.
+[N]: the dataset's own classes; an imagefolder image outside every class sub-folder is unlabelled, -1);
+`check_classes` holds a conditional model's num_classes against them. `BatchStream` turns it into training
+batches: an epoch-seeded permutation, random flips from the training generator, float in [-1, 1], on the GPU without
+host copies when the set is resident there.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class DataError(UserError):
 @dataclass
 class ImageSet:
     images: torch.Tensor  # [N, C, H, W] uint8
-    labels: torch.Tensor  # [N] int64
-    num_classes: int
+    labels: torch.Tensor  # [N] int64, -1 = unlabelled
+    num_classes: int  # classes of the source; 0 = none (an imagefolder without class sub-folders)
     name: str
 
     def __len__(self) -> int:
@@ -186,7 +188,8 @@ def load_cifar10(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every image under root, centre-cropped to a square and resized (bicubic) to resolution."""
+    """Every image under root, centre-cropped to a square and resized (bicubic) to resolution; labels: the index
+    of its first-level sub-folder among the sorted sub-folders, -1 for an image directly under root."""
     from PIL import Image
 
     if root is None:
@@ -212,8 +215,8 @@ def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[
         array = np.asarray(im, np.uint8)
         images.append(array if array.ndim == 3 else array[:, :, None])
         parts = path.relative_to(base).parts
-        labels.append(class_index.get(parts[0], 0) if len(parts) > 1 else 0)
-    return np.stack(images), np.asarray(labels, np.int64), max(len(classes), 1)
+        labels.append(class_index[parts[0]] if len(parts) > 1 else -1)
+    return np.stack(images), np.asarray(labels, np.int64), len(classes)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -239,6 +242,25 @@ def load_images(cfg: DataConfig, split: str | None = None) -> ImageSet:
     tensor = fit_resolution(match_channels(tensor, cfg.channels), cfg.resolution, cfg.fit)
     name = cfg.source if cfg.source != "imagefolder" else f"imagefolder-{Path(cfg.root).resolve().name}"
     return ImageSet(tensor.contiguous(), torch.from_numpy(np.asarray(labels, np.int64)), num_classes, name)
+
+
+def check_classes(data: ImageSet, num_classes: int | None) -> None:
+    """DataError unless a conditional model (`num_classes` not None) has a class for every label of `data`, and
+    every image has one."""
+    if num_classes is None:
+        return
+    if data.num_classes == 0:
+        raise DataError(f"model.num_classes: {num_classes} classes, but {data.name} has none (an imagefolder takes "
+                        f"its classes from the sub-folders of data.root); sort the images into one sub-folder per "
+                        f"class, or set model.num_classes=null")
+    unlabelled = int((data.labels < 0).sum())
+    if unlabelled:
+        raise DataError(f"model.num_classes: {unlabelled} images of {data.name} lie directly in data.root, outside "
+                        f"the class sub-folders; move them into one, or set model.num_classes=null")
+    top = int(data.labels.max())
+    if top >= num_classes:
+        raise DataError(f"model.num_classes: {num_classes}, but {data.name} has labels up to {top}; set "
+                        f"model.num_classes={max(top + 1, data.num_classes)}")
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -324,10 +346,10 @@ class BatchStream:
         if self.rows is not None:
             index = index[self.rows]
         images, labels = self.images[index], self.labels[index]
-        if self.storage != self.device:
-            images = images.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else images.to(self.device)
-            labels = labels.to(self.device, non_blocking=True)
+        if self.storage != self.device:  # pinned first: a non_blocking copy from pageable memory would block
+            pinned = self.device.type == "cuda"
+            images = (images.pin_memory() if pinned else images).to(self.device, non_blocking=pinned)
+            labels = (labels.pin_memory() if pinned else labels).to(self.device, non_blocking=pinned)
         x = to_model_space(images)  # [B, C, H, W]
         if self.hflip:
             flip = torch.rand(self.batch_size, generator=generator, device=generator.device) < 0.5  # [B]

@@ -11,7 +11,7 @@ import math
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from . import assigners
 from .config import Config, check_sampler, check_steps
 from .data import to_uint8
 from .console import Progress
+from .counter_noise import CounterNoise
 from .errors import UserError, names_memory_field
 from .images import grid_image, save_each, save_png
 from .networks import load_network, pick_device
@@ -62,13 +63,20 @@ class CountingNet(torch.nn.Module):
 @torch.inference_mode()
 def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler: str, steps: int,
              guidance: float = 1.0, eta: float | None = None, labels: Sequence[int] | None = None,
-             batch: int = 64, device: torch.device | None = None, nfe: list[int] | None = None) -> torch.Tensor:
+             batch: int = 64, device: torch.device | None = None, nfe: list[int] | None = None,
+             sampler_options: Callable[[int, SeededNoise], dict[str, Any]] | None = None,
+             precision: str = "fp32") -> torch.Tensor:
     """uint8 [N, C, H, W] images, one per seed, decoded to data space.
 
     The sampler options come from `cfg.sample` (eta unless given, clip_x0 with c = assigner.image_scale, the DDIM
     grid, the ODE tolerances). When `nfe` is given, the number of network calls of each generated batch is
     appended to it (one entry per batch of at most `batch` seeds). Image i depends on seed i alone, except with
     the adaptive "dopri5", whose step sizes (and NFE) follow the whole batch (see objectives/flow.py).
+    `sampler_options(start, noise_source)` adds keyword arguments of `objective.sample` for the batch of seeds
+    from index `start` (editing.py's `after_step` and `resample`).
+    The noise follows `cfg.sample.noise` (per-image generators, or one counter-based draw per batch: other values,
+    equally independent of the batch). `precision` "bf16" runs the network under bf16 autocast while the
+    sampler's state stays float32 (eval.precision, for FID points).
     """
     device = device or next(net.parameters()).device
     objective = build_objective(cfg.objective)
@@ -80,17 +88,21 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
     out = []
     for start in range(0, len(seeds), batch):
         chunk = list(seeds[start:start + batch])
-        noise_source = SeededNoise(chunk, device)
+        noise_source = CounterNoise(chunk, device) if cfg.sample.noise == "counter" else SeededNoise(chunk, device)
         noise = noise_source.randn_like(torch.empty((len(chunk), *shape), device=device))  # [b, C, H, W]
+        if cfg.sample.start_std != 1.0:  # x_T ~ N(0, start_std^2 I); the sampler's own draws stay N(0, I)
+            noise = noise * cfg.sample.start_std
         chunk_labels = None
         if conditional:
             chunk_labels = torch.tensor([labels[start + i] if labels is not None else s % cfg.model.num_classes
                                          for i, s in enumerate(chunk)], device=device)
         counting.reset()
-        x = objective.sample(counting, noise, sampler=sampler, steps=steps,
-                             eta=cfg.sample.eta if eta is None else eta, labels=chunk_labels, guidance=guidance,
-                             randn=noise_source.randn_like, clip_x0=clip_x0, grid=cfg.sample.ddim_grid,
-                             atol=cfg.sample.ode_atol, rtol=cfg.sample.ode_rtol)  # [b, C, H, W], model space
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            x = objective.sample(counting, noise, sampler=sampler, steps=steps,
+                                 eta=cfg.sample.eta if eta is None else eta, labels=chunk_labels,
+                                 guidance=guidance, randn=noise_source.randn_like, clip_x0=clip_x0,
+                                 grid=cfg.sample.ddim_grid, atol=cfg.sample.ode_atol, rtol=cfg.sample.ode_rtol,
+                                 **(sampler_options(start, noise_source) if sampler_options else {}))  # model space
         if nfe is not None:
             nfe.append(counting.calls)
         out.append(to_uint8(assigners.decode(x.float(), cfg.assigner)).cpu())
@@ -171,15 +183,13 @@ def sample_batches(net: torch.nn.Module, cfg: Config, seeds: Iterable[int], *, b
                               **options)
 
 
-def sample_run(run: Run, *, ckpt: str, seeds: Sequence[int], steps: int | None, sampler: str | None,
-               guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
-               grid: Path | None, ema: bool, device: str, progress: Progress | None = None) -> list[Path]:
-    """`immiscible sample`: images from a run's snapshot as PNG files (written batch by batch, as they come) and/or
-    one grid of the first GRID_MAX (only those are made without `out_dir`); returns what it wrote."""
+def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: str | None, steps: int | None,
+                      guidance: float | None, label: int | None) -> tuple[torch.nn.Module, Config, str, torch.device]:
+    """`sample`'s options checked against the run, and its network: (net, config, sampler, device)."""
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: expected a finite weight >= 0 (1 = no guidance)")
     torch_device = pick_device(device)
-    net, cfg, chosen, _ = load_network(run, ckpt, ema, torch_device)
+    net, cfg, _, _ = load_network(run, ckpt, ema, torch_device)
     sampler = sampler or cfg.sample.sampler
     check_sampler(cfg.objective.kind, sampler)
     if steps is not None:
@@ -187,6 +197,16 @@ def sample_run(run: Run, *, ckpt: str, seeds: Sequence[int], steps: int | None, 
     if label is not None and (cfg.model.num_classes is None or not 0 <= label < cfg.model.num_classes):
         raise UserError(f"--class {label}: " + ("this run is unconditional" if cfg.model.num_classes is None
                         else f"expected 0..{cfg.model.num_classes - 1}"))
+    return net, cfg, sampler, torch_device
+
+
+def sample_run(run: Run, *, ckpt: str, seeds: Sequence[int], steps: int | None, sampler: str | None,
+               guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
+               grid: Path | None, ema: bool, device: str, progress: Progress | None = None) -> list[Path]:
+    """`immiscible sample`: images from a run's snapshot as PNG files (written batch by batch, as they come) and/or
+    one grid of the first GRID_MAX (only those are made without `out_dir`); returns what it wrote."""
+    net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
+                                                        steps=steps, guidance=guidance, label=label)
     count = len(seeds) if out_dir is not None else min(len(seeds), GRID_MAX)
     shown, kept, done = min(count, GRID_MAX) if grid is not None else 0, [], 0
     batches = sample_batches(net, cfg, itertools.islice(seeds, count), batch=batch or cfg.sample.batch_size,

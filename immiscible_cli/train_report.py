@@ -1,19 +1,22 @@
 """What training shows: a rich progress bar on a terminal (plain lines elsewhere) and the tee'd log.txt.
 
 Every tick gives one fixed-field status line (the same text in log.txt and on the terminal), so runs can be
-compared with `grep`/`awk` as well as through metrics.jsonl.
+compared with `grep`/`awk` as well as through metrics.jsonl. The reporter also holds the run's logging backends
+(loggers.py: TensorBoard, W&B; none by default): tick rows, FID rows and grids go to them, and they close with it.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from .config import Config
 from .console import Bars
+from .loggers import Logger, NullLogger, images_seen
 from .runs import Run
 
 
@@ -27,7 +30,9 @@ def status_line(row: dict[str, Any]) -> str:
 
 
 class Reporter:
-    """Progress bar + log lines for one training process."""
+    """Progress bar + log lines for one training process, and its logging backends (`logger`: rank 0's only)."""
+
+    logger: Logger = NullLogger()  # set by `use` once the run is restored; ranks other than 0 keep this one
 
     def __init__(self, run: Run, cfg: Config, console: Console | None = None):
         self.run, self.cfg = run, cfg
@@ -43,6 +48,11 @@ class Reporter:
 
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
+        self.logger.close()
+
+    def use(self, logger: Logger) -> None:
+        """Send tick rows, FID rows and grids to `logger` from now on (closed when the reporter exits)."""
+        self.logger = logger
 
     def note(self, message: str) -> None:
         """A timestamped line in log.txt and on the console."""
@@ -52,12 +62,21 @@ class Reporter:
 
     def tick(self, row: dict[str, Any]) -> None:
         line = status_line(row)
+        self.logger.scalars(row, images_seen(row["kimg"]))
         self.run.log(line)
         self.console.print(line, markup=False, highlight=False)
         self.bars.update("train", row["kimg"], self.cfg.train.total_kimg,
                          status=f"{row['kimg']:.1f} kimg  loss {row['loss']:.4f}  {row['img_per_s']:.0f} img/s")
         if not self.bars.live:
             sys.stdout.flush()
+
+    def fid(self, row: dict[str, Any]) -> None:
+        """An FID row (already in fid.jsonl) to the logging backends."""
+        self.logger.fid(row)
+
+    def image(self, path: Path, nimg: int) -> None:
+        """A snapshot grid (a PNG file) at `nimg` training images to the logging backends."""
+        self.logger.image(path, nimg)
 
     def advance(self, nimg: int) -> None:
         """Move the bar every step (host-side counter only: no device sync); no-op off a terminal."""

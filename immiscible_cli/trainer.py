@@ -10,7 +10,9 @@ per epoch. So two runs with the same seed and different assigners train on the s
 the same flips, timesteps and dropout masks; only the noise differs, which makes their FID difference far less
 noisy than two independent runs. Every stream's state, the data position, the optimizer and both networks are in
 each snapshot, so a resumed run on the CPU is bit-identical to an uninterrupted one.
-On CUDA the step has no host synchronisation: loss sums and the non-finite check stay on the device until a tick.
+On CUDA the step has no host synchronisation: loss sums and the non-finite check stay on the device until a tick;
+linear assignment's host-side solve runs one step ahead on a worker thread (train_batches.py, bit-identical).
+`train.compile` compiles the per-sample loss (network + objective) as one graph; snapshots resume on another device.
 Several processes (torchrun) share each global batch by rows and rank 0 alone writes the run: train_ranks.py.
 """
 
@@ -26,16 +28,17 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import assigners, checkpoint, distributed, runs, train_ranks
+from . import assigners, checkpoint, distributed, loggers, runs, train_batches, train_ranks
 from .assigners import shard
 from .assigners.meter import PairingMeter
 from .config import Config
-from .data import BatchStream, ImageSet, fits_on_gpu, load_images
+from .data import BatchStream, ImageSet, check_classes, fits_on_gpu, load_images
 from .errors import EXIT_NON_FINITE, UserError, lowers_on_oom
 from .images import grid_image, save_png
 from .networks import build_network, expected_snapshot, pick_device
 from .objectives import build_objective
 from .sampling import generate
+from .train_batches import PairedBatches
 from .train_report import Reporter
 
 
@@ -52,6 +55,15 @@ class Scorer(Protocol):
 
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float,
               progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]: ...
+
+
+def compile_loss(loss: Callable[..., torch.Tensor], *, cuda_graphs: bool = False, backend: str = "inductor",
+                 fullgraph: bool = False) -> Callable[..., torch.Tensor]:
+    """`loss` (network + objective) through torch.compile with static shapes (every step has the same batch
+    shape); with `cuda_graphs`, mode `reduce-overhead`, which replays it as CUDA graphs. `backend`/`fullgraph`
+    for tests (e.g. "aot_eager" on the CPU checks that the whole loss traces as one graph)."""
+    return torch.compile(loss, dynamic=False, backend=backend, fullgraph=fullgraph,
+                         mode="reduce-overhead" if cuda_graphs else None)
 
 
 class TrainingDiverged(UserError):
@@ -72,13 +84,24 @@ class TrainingLoop:
         self.rank, self.world, self.batch = distributed.rank(), distributed.world(), t.batch_size
         self.share, self.micro = train_ranks.split_batch(cfg, self.world)
         self.shard = shard.Shard(self.rank, self.world, self.batch) if self.world > 1 else None
+        self.notes: list[str] = []  # for log.txt: settings ignored here, how a resume restored the random streams
         torch.manual_seed(cfg.seed)  # weights init from the run seed ...
         self.net = build_network(cfg).to(device).train()
+        self.channels_last = t.channels_last
+        if self.channels_last:  # before the EMA copy, so both keep one layout and the EMA update stays one kernel
+            self.net.to(memory_format=torch.channels_last)
         torch.manual_seed(self.dropout_seed())  # ... then dropout draws from its own stream
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.ddp = train_ranks.wrap(self.net, device)  # the network itself in one process
-        self.forward = torch.compile(self.ddp) if t.compile else self.ddp
+        self.forward = self.ddp
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+        self.graphs = t.cuda_graphs and device.type == "cuda"
+        if t.cuda_graphs and not self.graphs:
+            self.notes.append(f"train.cuda_graphs ignored on {device.type} (CUDA only)")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # static shapes: each conv's fastest algorithm, chosen once
+        self.batch_loss = (compile_loss(self.per_sample_loss, cuda_graphs=self.graphs) if t.compile or self.graphs
+                           else self.per_sample_loss)
         self.objective = build_objective(cfg.objective)
         optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(self.net.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
@@ -90,6 +113,8 @@ class TrainingLoop:
                                   self.shard.rows if self.shard else None)
         self.meter = PairingMeter(device, functools.partial(shard.pair, shard=self.shard) if self.shard
                                   else assigners.pair)
+        self.batches = PairedBatches(self.stream, self.meter, cfg.assigner, self.generators, device,
+                                     ahead=train_batches.ahead_of_step(cfg, self.world))
         self.params = [p for p in self.net.parameters()]
         self.ema_params = [p for p in self.ema.parameters()]
         halflife = t.ema_halflife_kimg
@@ -108,8 +133,16 @@ class TrainingLoop:
 
     # --- one step ------------------------------------------------------------------------------------------------
     def net_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.forward(x, t, labels).float()
+
+    def per_sample_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                        labels: torch.Tensor | None) -> torch.Tensor:
+        """The objective's per-sample loss [b] of the network on paired x0', noise [b, C, H, W] at times t [b]
+        (what train.compile compiles: network and objective in one graph)."""
+        return self.objective.loss(self.net_fn, x0, noise, t, labels)
 
     def lr_at(self, nimg: int) -> float:
         warmup = self.cfg.train.warmup_kimg * 1000
@@ -124,8 +157,7 @@ class TrainingLoop:
     def train_step(self) -> None:
         cfg, g = self.cfg, self.generators
         rows = self.shard.rows if self.shard else slice(None)  # several processes: draw all B, keep my b rows
-        x0, labels = self.stream.next(g["flips"])                              # [b, C, H, W], [b]
-        x0, noise = self.meter.pair(x0, cfg.assigner, g["noise"])              # pairing before t is drawn
+        x0, labels, noise = self.batches.next()  # [b, C, H, W], [b], [b, C, H, W]: paired before t is drawn
         t = self.objective.sample_t(self.batch, g["timesteps"], self.device)[rows]  # [b]
         if cfg.model.num_classes is None:
             labels = None
@@ -133,7 +165,8 @@ class TrainingLoop:
             drop = torch.rand((self.batch,), generator=g["labels"], device=self.device)[rows] < cfg.train.label_dropout
             labels = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels)
         if self.micro == self.share:
-            loss = self.objective.loss(self.net_fn, x0, noise, t, labels).mean()  # per-sample -> batch mean
+            self.mark_graph_step()
+            loss = self.batch_loss(x0, noise, t, labels).mean()  # per-sample -> batch mean
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over the ranks
         else:
@@ -145,6 +178,7 @@ class TrainingLoop:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip, foreach=True)
         self.optimizer.step()
         self.step += 1
+        # The parameters (and so the EMA) stay fp32 under bf16 autocast, which casts op inputs, never parameters.
         torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
         loss = loss.detach()
         self.loss_sum += loss
@@ -161,17 +195,29 @@ class TrainingLoop:
             part = slice(start, start + self.micro)
             last = start + self.micro >= count
             with nullcontext() if last or self.ddp is self.net else self.ddp.no_sync():
-                loss = self.objective.loss(self.net_fn, x0[part], noise[part], t[part],
-                                           None if labels is None else labels[part]).sum() / count
+                self.mark_graph_step()
+                loss = self.batch_loss(x0[part], noise[part], t[part],
+                                       None if labels is None else labels[part]).sum() / count
                 loss.backward()
             total += loss.detach()
         return total
+
+    def mark_graph_step(self) -> None:
+        """With CUDA graphs: a new replay begins (the outputs of the last one may be overwritten from here on)."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     # --- snapshots -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The snapshot; with several processes a collective (every rank's dropout state is gathered)."""
         rng = {**{name: g.get_state() for name, g in self.generators.items()}, "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+               "device": self.device.type}
+        data = self.stream.state_dict()
+        before = self.batches.state_before()
+        if before is not None:  # the next batch is being drawn ahead: record the streams as they were before it
+            rng.update(flips=before["flips"], noise=before["noise"])
+            data = before["data"]
         if self.world > 1:
             rng.update(train_ranks.rank_states(self.device))
         return {
@@ -179,24 +225,30 @@ class TrainingLoop:
             "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng,
-            "data": self.stream.state_dict(), "world_size": self.world,
+            "data": data, "world_size": self.world,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a snapshot, from this device type or another (CUDA <-> CPU, fewer GPUs): see
+        checkpoint.restore_random_streams for what is exact and what is reseeded; `notes` says which."""
+        self.batches.discard()
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if not all(name in state["rng"] for name in STREAMS):
+        self.optimizer.load_state_dict(checkpoint.portable_optimizer_state(state["optimizer"], self.optimizer))
+        rng = state["rng"]
+        if not all(name in rng for name in STREAMS):
             raise checkpoint.CheckpointError(f"{self.run.path}: this checkpoint has one random stream (immiscible "
                                              f"0.1); finish the run with 0.1 or start it again")
-        for name, g in self.generators.items():
-            g.set_state(state["rng"][name].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.stream.load_state_dict(state["data"])
         self.step, self.nimg, self.train_s = int(state["step"]), int(state["nimg"]), float(state["train_s"])
-        self.saved_world = train_ranks.restore_dropout(state, self.device, self.dropout_seed(self.step))
+        self.notes += checkpoint.restore_random_streams(
+            rng, self.generators, self.device,
+            reseed=lambda name: stream_seed(self.cfg.seed, f"{name}:step{self.step}"))
+        if checkpoint.rng_device(rng) == self.device.type:
+            self.saved_world = train_ranks.restore_dropout(state, self.device, self.dropout_seed(self.step))
+        else:  # dropout reseeded with the streams (another device's generators: nothing to restore)
+            torch.manual_seed(self.dropout_seed(self.step))
+            self.saved_world = int(state.get("world_size", 1))
         self.tick_step = self.step
 
     @lowers_on_oom("sample.batch_size", "while drawing the snapshot grid")
@@ -251,6 +303,7 @@ class TrainingLoop:
             self.log_tick(reporter, (self.nimg - tick_nimg) / max(elapsed, 1e-9), self.step - self.tick_step)
             if snapshot:
                 reporter.note(f"snapshot {self.snapshot().name}")
+                reporter.image(self.run.grid_path(self.nimg / 1000), self.nimg)
             if fid:
                 self.fid_point(reporter)
             tick_start, tick_nimg = time.perf_counter(), self.nimg
@@ -260,6 +313,7 @@ class TrainingLoop:
         row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
                                 progress=reporter.bars)
         self.fid_sink(row)
+        reporter.fid(row)
         reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "
                       f"{row['seconds']:.0f} s)")
 
@@ -309,11 +363,12 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
 
     device = pick_device(cfg.train.device)
     assigners.check_available(cfg.assigner)  # an optional solver that is missing fails before anything is written
+    loggers.check_available(cfg.train.loggers)  # and so does a logger's extra
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
-    if cfg.model.num_classes is not None and int(data.labels.max()) >= cfg.model.num_classes:
-        raise distributed.everywhere(UserError(f"model.num_classes: the data has labels up to "
-                                               f"{int(data.labels.max())}; set model.num_classes >= "
-                                               f"{int(data.labels.max()) + 1}"))
+    try:
+        check_classes(data, cfg.model.num_classes)  # a conditional model needs a class for every image's label
+    except UserError as e:
+        raise distributed.everywhere(e) from None
     train_ranks.split_batch(cfg, distributed.world())  # a batch that does not split fails before any write
     run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
     with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
@@ -325,8 +380,11 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
                 reporter.note(f"{loop.world} process(es) x {loop.share} images per step, {loop.micro} per pass; "
                               f"assignment scope {train_ranks.scope(cfg)}")
             _restore(loop, run, reporter)
+            for message in loop.notes:  # settings ignored on this device; random streams a resume could not restore
+                reporter.note(message)
             if resume:  # only once the new config has built and restored the loop
                 distributed.on_main(lambda: run.config() != cfg and run.write_config(cfg))
+            distributed.on_main(lambda: reporter.use(loggers.open_loggers(cfg, run, loop.nimg)))  # rank 0 logs
             scored = distributed.on_main(lambda: frozenset(round(float(r["kimg"]), 6) for r in read_fid_rows(run)))
             loop.run_loop(reporter, scored)
     return run

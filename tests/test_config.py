@@ -119,7 +119,7 @@ def test_reference_presets_carry_the_references_math():
     """cifar10-*: the papers' precision; DDPM ones tqch's EMA warm-up, strided DDIM grid and x0 clipping; flow ones
     torchcfm's time input; every header says how to get the papers' 50k-image FID."""
     names = [n for n in C.list_presets() if n.startswith("cifar10-")]
-    assert len(names) == 6
+    assert len(names) == 7
     for name in names:
         cfg = C.load_config(name)
         assert cfg.train.precision == "fp32", name

@@ -199,6 +199,10 @@ class TrainConfig(_Section):
     averages are not dominated by the random initialisation."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of dropping the class label (classifier-free guidance); conditional models only."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl"])
+    """Where tick rows, FID points and sample grids are logged. metrics.jsonl and fid.jsonl are always written,
+    whatever the list says; `tensorboard` (RUN/tensorboard/) and `wandb` (RUN/wandb/, offline unless WANDB_MODE is
+    set) are optional extras: `pip install 'immiscible[tensorboard]'` / `'immiscible[wandb]'`."""
     tick_kimg: Kimg = 10.0
     """Status line and metrics row every this many thousand images."""
     snapshot_kimg: Kimg = 1000.0
@@ -212,7 +216,13 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast precision: auto = bf16 on CUDA, fp32 on CPU."""
     compile: bool = False
-    """torch.compile the model (CUDA; first steps slower)."""
+    """torch.compile the training step's loss (network + objective, static shapes; first steps slower)."""
+    cuda_graphs: bool = False
+    """CUDA only: replay the compiled loss as CUDA graphs (torch.compile mode `reduce-overhead`; implies
+    compile). Ignored on the CPU, with a note in log.txt, so a run moves between devices unchanged."""
+    channels_last: bool = False
+    """Keep the network's weights and inputs in channels_last memory format (faster convolutions on recent GPUs;
+    the numbers stay the same up to summation order)."""
 
     @model_validator(mode="after")
     def _one_ema_rule(self) -> "TrainConfig":
@@ -246,6 +256,14 @@ class SampleConfig(_Section):
     """Images in each snapshot grid."""
     batch_size: int = Field(256, ge=1)
     """Images generated per forward pass."""
+    noise: Literal["per-image", "counter"] = "per-image"
+    """Starting (and sampler) noise of seed i: `per-image` = one torch.Generator per image (every result so far),
+    `counter` = one counter-based Philox draw per batch (faster for large batches on a GPU; other images). Either
+    way image i depends on seed i alone; FID rows record it."""
+    start_std: float = Field(1.0, gt=0.0, le=10.0)
+    """Standard deviation of the starting noise x_T ~ N(0, start_std^2 I): 1.0 is the papers' (and every result's)
+    choice. A diagnostic for assigners whose training noise is smaller than N(0, I)'s: KNN keeps the nearest of k
+    draws, whose mean |n|^2 / D (`noise_sqnorm` in metrics.jsonl) is below 1; sqrt of it matches that norm."""
 
 
 class EvalConfig(_Section):
@@ -267,6 +285,13 @@ class EvalConfig(_Section):
     """Real images behind computed statistics; None = the whole split."""
     batch_size: int = Field(250, ge=1)
     """Images per batch through the generator and the Inception network."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The generator network's precision while sampling FID images (bf16: autocast, sampler state in float32;
+    for GPUs). FID rows record it."""
+    inception_precision: Literal["fp32", "fp16"] = "fp32"
+    """The Inception network's precision on CUDA (fp16 features differ from fp32 by about 0.4% of their mean
+    magnitude, so FIDs differ slightly: compare only rows of equal precision); the CPU always runs it in fp32.
+    FID rows record the precision used."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ from .features import MODES, FIDExtractor
 from ..errors import MetricsError
 from .weights import FIDWeightsError, WeightsInfo, load_inception, resolve_weights
 from .reference import FIDReferenceError, ReferenceKey, cleanfid_reference, reference_stats
-from .stats import FeatureStats, compute_kid, feature_stats, fid_from_features, frechet_distance
+from .stats import (FeatureStats, compute_kid, feature_stats, fid_from_features, frechet_distance,
+                    frechet_distance_eigh)
 
 __all__ = [
     "MODES", "FIDExtractor", "FIDReferenceError", "FIDWeightsError", "FeatureStats", "MetricsError", "ReferenceKey",
     "WeightsInfo", "cleanfid_reference", "compute_kid", "feature_stats", "fid_from_features", "frechet_distance",
+    "frechet_distance_eigh",
     "load_inception", "reference_stats", "resolve_weights",
 ]

@@ -45,6 +45,7 @@ class ReferenceKey:
     num_images: int
     weights_sha: str  # first 12 hex digits of the weights file's sha256
     weights_dtype: str  # float32 | float16, as stored
+    precision: str = "fp32"  # the network's dtype when the features were made: fp32 | fp16 | bf16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights_sha", self.weights_sha[:12])
@@ -54,29 +55,35 @@ class ReferenceKey:
                       extractor: FIDExtractor) -> "ReferenceKey":
         """The key of statistics made by `extractor` (its mode and weights)."""
         info = extractor.weights
-        return cls(dataset, split, resolution, extractor.mode, num_images, info.sha256, info.dtype)
+        return cls(dataset, split, resolution, extractor.mode, num_images, info.sha256, info.dtype,
+                   extractor.precision)
 
     def filename(self) -> str:
-        """e.g. fashion-mnist_train_32px_clean_n60000_w7ff4a85c3a63-fp32.npz"""
+        """e.g. fashion-mnist_train_32px_clean_n60000_w7ff4a85c3a63-fp32.npz (..._fp16run.npz for features of an
+        fp16 network; fp32 adds nothing, so the names of earlier statistics hold)."""
         dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(self.weights_dtype, self.weights_dtype)
         name = (f"{self.dataset}_{self.split}_{self.resolution}px_{self.mode}_n{self.num_images}"
-                f"_w{self.weights_sha}-{dtype}")
+                f"_w{self.weights_sha}-{dtype}" + ("" if self.precision == "fp32" else f"_{self.precision}run"))
         return re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".npz"
 
 
 def reference_stats(key: ReferenceKey, images_fn: Callable[[], Iterable[torch.Tensor]], extractor: FIDExtractor,
                     cache_dir: Path | None = None,
-                    progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    progress: Callable[[int], None] | None = None,
+                    started: Callable[[Path, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference images, computed once: cache_dir (default `cache_root()`)/fid-stats/<key>.npz.
 
     On a hit images_fn is not called. On a miss its batches (always the same images in the same order) stream
     through `extractor`, resuming from a partial file when an earlier computation was interrupted, and the result
-    is saved atomically with the key's fields beside mu and sigma.
+    is saved atomically with the key's fields beside mu and sigma. `started(path, resumed_images)` is called when a
+    computation begins (not on a hit), `progress(images_done)` after each network batch.
     """
     info = extractor.weights
-    if (key.mode, key.weights_sha, key.weights_dtype) != (extractor.mode, info.sha256[:12], info.dtype):
+    if (key.mode, key.weights_sha, key.weights_dtype, key.precision) != (extractor.mode, info.sha256[:12],
+                                                                         info.dtype, extractor.precision):
         raise MetricsError(f"reference statistics {key.filename()}: the extractor differs (mode {extractor.mode}, "
-                           f"weights {info.sha256[:12]} {info.dtype}); build the key with ReferenceKey.for_extractor")
+                           f"weights {info.sha256[:12]} {info.dtype}, {extractor.precision}); build the key with "
+                           f"ReferenceKey.for_extractor")
     path = Path(cache_dir or cache_root()) / "fid-stats" / key.filename()
     cached = _read(path)
     if cached is not None:
@@ -89,6 +96,8 @@ def reference_stats(key: ReferenceKey, images_fn: Callable[[], Iterable[torch.Te
         partial = path.with_name(f"{path.stem}.partial.npz")
         stats = _read_partial(partial)
         saved_at = stats.count
+        if started is not None:
+            started(path, stats.count)
         for features in extractor.iter_features(_skip(images_fn(), stats.count)):
             stats.update(features)
             if progress is not None:

@@ -12,7 +12,10 @@ A fid.jsonl row:
     kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
     reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
     sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
-    samples; null where the sampler does not use it), ema (bool), weights {"source", "sha256", "dtype"},
+    samples; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
+    generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
+    dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
+    sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
     nfe (network evaluations per image, mean over batches), seconds (scoring time),
     train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
 """
@@ -34,16 +37,26 @@ from ..runs import FID_ROW, Run
 from .features import FIDExtractor
 from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
-from .stats import FeatureStats, compute_kid, frechet_distance
+from .stats import FeatureStats, compute_kid, frechet_distance_eigh
 
 # The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
-FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights")
+FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights",
+                "inception_precision")
 REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
+# Settings added later, with the value every row written before them had: a row lacking one means this value.
+SETTING_DEFAULTS: dict[str, Any] = {
+    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0}, "inception_precision": "fp32"}
 
 
 def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
-    """The part of a fid.jsonl row that must match for two FIDs to be comparable."""
-    return {key: row.get(key) for key in FID_SETTINGS}
+    """The part of a fid.jsonl row that must match for two FIDs to be comparable (settings added later filled in
+    with SETTING_DEFAULTS, so older rows stay comparable)."""
+    settings = {key: row.get(key, None if isinstance(SETTING_DEFAULTS.get(key), dict) else SETTING_DEFAULTS.get(key))
+                for key in FID_SETTINGS}
+    for key, defaults in SETTING_DEFAULTS.items():
+        if isinstance(defaults, dict) and isinstance(settings[key], dict):
+            settings[key] = {**defaults, **settings[key]}
+    return settings
 
 
 def read_fid_rows(run: Run) -> list[dict[str, Any]]:
@@ -79,7 +92,8 @@ class FIDScorer:
         if kid and self.reference == "cleanfid":
             raise ConfigError("--kid: needs the reference images, which clean-fid's published statistics do not "
                               "include; use --reference computed")
-        self.extractor = extractor or FIDExtractor(self.mode, device, weights=inception, batch_size=self.batch)
+        self.extractor = extractor or FIDExtractor(self.mode, device, weights=inception, batch_size=self.batch,
+                                                   precision=inception_precision(e.inception_precision, device))
         self._real_batches: Callable[[], Iterator[torch.Tensor]] | None = None  # the reference images, for KID
         self._real_features = None
         self.ref_mu, self.ref_sigma, self.ref_info = self._reference(progress)
@@ -97,6 +111,7 @@ class FIDScorer:
         split = e.reference_split
         if data.source in ("embedded", "imagefolder") and split != "train":
             raise ConfigError(f"eval.reference_split: the {data.source} source has one split; use train")
+        _note(progress, f"FID reference: reading the {data.source} images ({split} split)")
         real = load_images(data.model_copy(update={"max_images": None}), split)  # the whole split, not a subset
         total = len(real)
         count = min(self.reference_images or total, total)
@@ -111,7 +126,14 @@ class FIDScorer:
 
         self._real_batches = images
         report = (lambda done: progress(done, count, "reference statistics")) if progress else None
-        mu, sigma = reference_stats(key, images, self.extractor, progress=report)
+
+        def started(path: Path, resumed: int) -> None:
+            _note(progress, f"reference statistics: {count} {real.name} {split} images through the Inception network "
+                            f"({self.mode}), once, cached as {path}" + (f"; resuming at {resumed}" if resumed else ""))
+            if report is not None:
+                report(resumed)  # the bar starts with the phase (its tenths count from here)
+
+        mu, sigma = reference_stats(key, images, self.extractor, progress=report, started=started)
         return mu, sigma, {"name": real.name, "split": split, "num_images": count, "mode": self.mode,
                            "resolution": data.resolution, "file": key.filename()}
 
@@ -120,8 +142,9 @@ class FIDScorer:
         w = self.extractor.weights
         return {"num_images": self.num_images, "mode": self.mode, "reference": self.ref_info,
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance,
-                "sampling": sampling_settings(self.cfg, self.sampler), "ema": ema,
-                "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype}}
+                "sampling": {**sampling_settings(self.cfg, self.sampler), "precision": self.cfg.eval.precision},
+                "ema": ema, "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype},
+                "inception_precision": self.extractor.precision}
 
     def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
         """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
@@ -131,7 +154,8 @@ class FIDScorer:
         for first in shards.batch_starts(self.num_images, self.batch):  # several processes: this rank's batches
             seeds = list(range(first, min(first + self.batch, self.num_images)))
             yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,
-                           guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device, nfe=nfe)
+                           guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device, nfe=nfe,
+                           precision=self.cfg.eval.precision)
 
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float, ema: bool = True,
               progress: Progress | None = None) -> dict[str, Any]:
@@ -143,6 +167,10 @@ class FIDScorer:
         report = (lambda done: progress(min(done * world, self.num_images), self.num_images, "FID")) \
             if progress else None
         nfe: list[int] = []
+        _note(progress, f"FID at {kimg:g} kimg: generating {self.num_images} images ({self.sampler}, {self.steps} "
+                        f"steps) and scoring them")
+        if report is not None:
+            report(0)
         try:
             stats = self.extractor.stats(self.generated(net, nfe), report, keep_features=self.kid)
         finally:
@@ -150,8 +178,9 @@ class FIDScorer:
         stats, nfe = shards.combine(stats, nfe, self.num_images, self.batch, self.device)
 
         def scored() -> dict[str, Any]:  # rank 0 computes the distance; every rank returns its row
-            fid = frechet_distance(*stats.mean_cov(), self.ref_mu, self.ref_sigma)
-            row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema),
+            where = self.device if self.device.type == "cuda" else "cpu"  # float64 eigenproblems: CUDA or the CPU
+            fid = frechet_distance_eigh(*stats.mean_cov(), self.ref_mu, self.ref_sigma, device=where)
+            row = {"kimg": round(kimg, 6), "step": step, "fid": fid, **self.settings(ema), "frechet": "eigh",
                    "nfe": sum(nfe) / len(nfe)}
             if self.kid:
                 row["kid"] = self._kid(stats)
@@ -167,13 +196,26 @@ class FIDScorer:
         return compute_kid(stats.features(), self._real_features)
 
 
+def _note(progress: Progress | None, message: str) -> None:
+    """Say what a long phase does, where the progress reporter can (console.Bars.note)."""
+    note = getattr(progress, "note", None)
+    if note is not None:
+        note(message)
+
+
 def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
     """The sampling fields besides sampler, steps and guidance that change the images: those the sampler uses,
     null for the others (so changing, say, eta does not split a flow run's FID curve)."""
     s, ddpm = cfg.sample, cfg.objective.kind == "ddpm"
     return {"eta": s.eta if sampler == "ddim" else None, "clip_x0": s.clip_x0 if ddpm else None,
             "ddim_grid": s.ddim_grid if ddpm else None, "ode_atol": s.ode_atol if sampler == "dopri5" else None,
-            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None}  # image_scale is the method's, in config.yaml
+            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None,  # image_scale is the method's, in config.yaml
+            "noise": s.noise, "start_std": s.start_std}
+
+
+def inception_precision(wanted: str, device: torch.device) -> str:
+    """eval.inception_precision where it applies: CUDA; the CPU always runs the Inception network in fp32."""
+    return wanted if torch.device(device).type == "cuda" else "fp32"
 
 
 def training_scorer(cfg: Config, device: torch.device, *, inception: Path | str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import linalg
 
 from ..errors import MetricsError
@@ -111,6 +112,33 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             raise MetricsError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrt(sigma1 sigma2)")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def frechet_distance_eigh(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                          device: str | torch.device = "cpu") -> float:
+    """The Frechet distance of `frechet_distance` (scipy's sqrtm: the reference) from symmetric eigenproblems in
+    float64 torch on `device`, the one FID points use (within 1e-3 of the reference in tests/test_fid_fast.py; 2x
+    faster on a CPU, well under a second for D = 2048 on a GPU).
+
+    Tr sqrt(sigma1 sigma2) = sum_i sqrt(lambda_i(B^T sigma2 B)) with B = V diag(sqrt(w)) from sigma1 = V diag(w) V^T
+    (B^T sigma2 B has the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1)). Eigenvalues of sigma1 at rounding level
+    (below D eps max w: the rank deficit of a covariance of N < D images) are dropped, so B is [D, r], r <= rank.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricsError(f"FID statistics differ in size: mu {mu1.shape} vs {mu2.shape}, "
+                           f"sigma {sigma1.shape} vs {sigma2.shape}")
+    s1, s2 = (torch.as_tensor(np.asarray(s, dtype=np.float64), device=device) for s in (sigma1, sigma2))
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # exactly symmetric, as eigh assumes
+    w, v = torch.linalg.eigh(s1)  # [D], [D, D]
+    keep = w > w.max().clamp(min=0) * len(w) * torch.finfo(torch.float64).eps
+    b = v[:, keep] * w[keep].sqrt()  # [D, r]
+    inner = b.T @ s2 @ b  # [r, r], symmetric positive semi-definite
+    lam = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)  # [r]
+    diff = mu1 - mu2
+    trace_sqrt = float(lam.sqrt().sum())
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:

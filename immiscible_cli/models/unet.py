@@ -24,12 +24,29 @@ from torch import nn
 from immiscible_cli.config import ModelConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a bf16 input in bf16 under autocast (same parameters, same state_dict keys).
+
+    Autocast runs group_norm in fp32, so every norm of a bf16 network would cast its input up and its output back
+    down (at the next conv): two extra passes over the activation. Its kernels (CUDA and CPU) take bf16 input and
+    accumulate the mean and variance in fp32 whatever the input dtype, so only the output is rounded to bf16, as
+    the next conv would round it anyway: safe. The affine weights are cast to bf16 for the call; the parameters
+    themselves stay fp32. Outside autocast, or for fp32/fp16 input, this is nn.GroupNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with 32 groups, or fewer so each group keeps at least 4 channels (tiny test models)."""
     groups = 32
     while groups > 1 and (channels % groups or channels // groups < 4):
         groups //= 2
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -87,7 +104,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, H*W, head_channels]
+        # One copy into [3, B, heads, H*W, head_channels]: q, k and v are then contiguous, as the fused sdpa
+        # kernels (flash, memory-efficient) need; strided views would send them to the slow math kernel.
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(dim=0)  # each [B, heads, H*W, head_channels]
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, H*W, head_channels]
         h = h.transpose(-1, -2).reshape(batch, channels, height, width)
         return x + self.proj_out(h)

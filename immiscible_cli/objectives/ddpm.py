@@ -85,7 +85,9 @@ class DDPM:
     def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
                randn: Callable[[torch.Tensor], torch.Tensor] | None = None, clip_x0: float | None = None,
-               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4) -> torch.Tensor:
+               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4,
+               after_step: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+               resample: int = 0) -> torch.Tensor:
         """Generate from `noise` [B, C, H, W] ~ N(0, I) to model space (no decoding).
 
         sampler "ddim": Song et al. 2021, Eq. 12 with sigma from Eq. 16 (eta in [0, 1]; eta = 0 is deterministic).
@@ -95,6 +97,10 @@ class DDPM:
         labels are given and guidance != 1. `clip_x0 = c` clips the predicted x0 to [-c, c] at every step (None:
         no clipping); `grid` picks the timesteps. `atol` and `rtol` (flow ODE tolerances) are accepted for the
         uniform interface and not used.
+
+        Editing (RePaint, Lugmayr et al. 2022): `after_step(x, abar_prev)` replaces x after every step, x being then
+        at the level abar_prev (1.0 after the last step). With `resample = R`, every step but the last is taken
+        R + 1 times, each retry from x noised back to the step's start by `renoise` (fresh noise from `randn`).
         """
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' does not go with the ddpm objective "
@@ -107,31 +113,46 @@ class DDPM:
         stochastic = (sampler == "ddpm" or eta > 0.0) and len(taus) > 1
         if stochastic and randn is None:
             raise ValueError(f"sampler '{sampler}' with eta={eta} needs `randn` for its fresh noise")
+        if resample < 0 or (resample > 0 and randn is None):
+            raise ValueError(f"resample must be >= 0 and needs `randn` for its fresh noise, got {resample}")
 
         x = noise  # [B, C, H, W]
         for i, tau in enumerate(taus):
             abar = self._alpha_bar_values[tau]
             abar_prev = self._alpha_bar_values[taus[i + 1]] if i + 1 < len(taus) else 1.0
             t_net = self.net_time(torch.full((x.shape[0],), tau, dtype=torch.long, device=x.device))  # [B]
-            eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
-            x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0", [B, C, H, W]
-            if clip_x0 is not None:
-                x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
-                # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree with it.
-                eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
-            if sampler == "ddim":
-                # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
-                sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-                x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
-                if sigma > 0.0:
-                    x = x + sigma * randn(x)
-            else:
-                # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; posterior of Eq. 6-7
-                # (its mean takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
-                alpha = abar / abar_prev
-                beta = 1.0 - alpha
-                mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
-                        + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
-                variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
-                x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
+            for attempt in range(1 + (resample if i + 1 < len(taus) else 0)):
+                if attempt:  # RePaint's jump back: x_tau ~ q(x_tau | x_tau_prev)
+                    x = self.renoise(x, abar_prev, abar, randn)  # [B, C, H, W]
+                eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
+                x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
+                if clip_x0 is not None:
+                    x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
+                    # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree.
+                    eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
+                if sampler == "ddim":
+                    # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
+                    sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+                    x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+                    if sigma > 0.0:
+                        x = x + sigma * randn(x)
+                else:
+                    # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; Eq. 6-7's posterior
+                    # (its mean takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
+                    alpha = abar / abar_prev
+                    beta = 1.0 - alpha
+                    mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
+                            + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
+                    variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
+                    x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
+                if after_step is not None:
+                    x = after_step(x, abar_prev)  # [B, C, H, W]
         return x
+
+    @staticmethod
+    def renoise(x: torch.Tensor, abar_from: float, abar_to: float,
+                randn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x [B, C, H, W] at level abar_from noised forward to abar_to <= abar_from: the respaced forward step
+        (Ho et al. 2020, Eq. 2 with beta = 1 - abar_to / abar_from), so x_t keeps its Eq. 4 marginal."""
+        alpha = abar_to / abar_from
+        return math.sqrt(alpha) * x + math.sqrt(1.0 - alpha) * randn(x)  # [B, C, H, W]

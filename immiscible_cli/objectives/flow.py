@@ -64,22 +64,34 @@ class Flow:
     def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
                randn: Callable[[torch.Tensor], torch.Tensor] | None = None, clip_x0: float | None = None,
-               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4) -> torch.Tensor:
+               grid: str = "linspace", atol: float = 1e-4, rtol: float = 1e-4,
+               after_step: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+               resample: int = 0) -> torch.Tensor:
         """Integrate from `noise` [B, C, H, W] at t = 0 to model space at t = 1 (no clipping, no decoding).
 
         Deterministic ODE samplers: `eta`, `randn`, `clip_x0` and `grid` (DDPM options) are accepted for a uniform
         interface and not used; `atol` and `rtol` are dopri5's tolerances, `steps` is ignored by dopri5.
         Classifier-free guidance applies to the velocity when labels are given and guidance != 1.
+
+        Editing (RePaint, Lugmayr et al. 2022): `after_step(x, t_next)` replaces x after every step of the fixed
+        grid (x is then at t_next; 1.0 after the last). With `resample = R`, every step but the last is taken
+        R + 1 times, each retry from x noised back to the step's start by `renoise` (fresh noise from `randn`).
+        dopri5 takes neither: its adaptive steps (and rejected trials) have no fixed points to re-impose at.
         """
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' does not go with the flow objective "
                              f"(accepted: {', '.join(self.samplers)})")
+        if resample < 0 or (resample > 0 and randn is None):
+            raise ValueError(f"resample must be >= 0 and needs `randn` for its fresh noise, got {resample}")
 
         def velocity(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
             t_batch = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [B]
             return guided_prediction(net, x, self.net_time(t_batch), labels, guidance).to(x.dtype)  # [B, C, H, W]
 
         if sampler == "dopri5":
+            if after_step is not None or resample:
+                raise ValueError("sampler 'dopri5' cannot re-impose a known region (after_step, resample); "
+                                 "use 'euler' or 'heun'")
             return self._dopri5(velocity, noise, atol, rtol)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -88,13 +100,28 @@ class Flow:
         for i in range(steps):
             t_cur, t_next = times[i], times[i + 1]
             h = t_next - t_cur
-            v_cur = velocity(x, t_cur)  # [B, C, H, W]
-            x_euler = x + h * v_cur  # [B, C, H, W]
-            if sampler == "euler" or i == steps - 1:  # Heun's last step is Euler (see module docstring)
-                x = x_euler
-            else:
-                x = x + 0.5 * h * (v_cur + velocity(x_euler, t_next))  # trapezoidal correction
+            for attempt in range(1 + (resample if i + 1 < steps else 0)):
+                if attempt:  # RePaint's jump back from t_next to t_cur
+                    x = self.renoise(x, t_next, t_cur, randn)  # [B, C, H, W]
+                v_cur = velocity(x, t_cur)  # [B, C, H, W]
+                x_euler = x + h * v_cur  # [B, C, H, W]
+                if sampler == "euler" or i == steps - 1:  # Heun's last step is Euler (see module docstring)
+                    x = x_euler
+                else:
+                    x = x + 0.5 * h * (v_cur + velocity(x_euler, t_next))  # trapezoidal correction
+                if after_step is not None:
+                    x = after_step(x, t_next)  # [B, C, H, W]
         return x
+
+    @staticmethod
+    def renoise(x: torch.Tensor, t_from: float, t_to: float,
+                randn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x [B, C, H, W] at t_from > 0 noised back to t_to in [0, t_from], with fresh Gaussian noise z:
+        x_to = (t_to / t_from) x + s z with s^2 = (1 - t_to)^2 - (t_to (1 - t_from) / t_from)^2, so that
+        x_from = t_from data + (1 - t_from) noise becomes t_to data + (1 - t_to) noise' in distribution."""
+        ratio = t_to / t_from
+        spread = max((1.0 - t_to) ** 2 - (ratio * (1.0 - t_from)) ** 2, 0.0) ** 0.5
+        return ratio * x + spread * randn(x)  # [B, C, H, W]
 
     @staticmethod
     def _dopri5(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,

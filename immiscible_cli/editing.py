@@ -1,0 +1,199 @@
+"""Image editing with a trained run: in-painting and out-painting (`immiscible sample RUN --inpaint`).
+
+Masks: white (>= 128) = generate, black = keep. The named masks name the region they generate: `center` (the
+centred square of half the side), `left-half`, `outpaint-8px` (the 8-pixel border; any `outpaint-Npx`).
+Input images reach the run's resolution and channels as its training data did (data.match_channels,
+data.fit_resolution), then model space times assigner.image_scale; outputs go through assigners.decode.
+
+After every sampler step the known region is re-imposed at the step's noise level (the objectives' `after_step`):
+ddpm x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (Ho et al. 2020, Eq. 4), flow x_t = t data + (1 - t) noise, eps and
+noise fresh from the edit's own seeded stream, so a result depends on its seed alone (image i of a batch uses
+seed i, as in `sample`). After the last step the known pixels are the input's. `--resample R` adds RePaint's R
+jumps back of one step per step (Lugmayr et al. 2022). dopri5 is refused: its adaptive steps have no fixed
+points to re-impose at.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config, DataConfig
+from .console import Progress
+from .data import IMAGE_SUFFIXES, fit_resolution, match_channels, to_model_space
+from .errors import UserError
+from .images import save_each, save_png
+from .runs import Run
+
+NAMED_MASKS = ("center", "left-half", "outpaint-8px")
+EDITS_MAX = 1024  # edits (seeds) per input image
+
+
+class EditError(UserError):
+    """An input image or mask that cannot be used; the message names --image or --mask."""
+
+
+def named_mask(name: str, resolution: int) -> torch.Tensor | None:
+    """bool [1, R, R], True = generate, for a named mask; None when `name` is not one."""
+    fill = torch.zeros((1, resolution, resolution), dtype=torch.bool)
+    half, quarter = resolution // 2, resolution // 4
+    border = re.fullmatch(r"outpaint-(\d+)px", name)
+    if name == "center":
+        fill[:, quarter:quarter + half, quarter:quarter + half] = True
+    elif name == "left-half":
+        fill[:, :, :half] = True
+    elif border:
+        width = int(border.group(1))
+        if not 0 < width < half:
+            raise EditError(f"--mask {name}: the border must be 1..{half - 1} px wide at the run's resolution "
+                            f"{resolution}, to leave a known inside")
+        fill[:] = True
+        fill[:, width:resolution - width, width:resolution - width] = False
+    else:
+        return None
+    return fill
+
+
+def read_image(path: Path, option: str) -> torch.Tensor:
+    """One image file as uint8 [1, C, h, w], C = 1 for grey images, 3 otherwise (alpha dropped)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if im.getbands() in (("L",), ("1",), ("I",), ("F",), ("L", "A")) else "RGB")
+    except (OSError, ValueError) as e:
+        raise EditError(f"{option} {path}: cannot read it as an image ({type(e).__name__})") from None
+    array = np.asarray(im, np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)  # [1, C, h, w]
+
+
+def fit_geometry(images: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """uint8 [N, C, h, w] -> [N, C, R, R] as the run's data: imagefolder centre-crops a square then resizes; the
+    other sources pad or resize (data.fit), a non-square image being centre-cropped first when resizing."""
+    h, w = images.shape[-2:]
+    fit = "resize" if data.source == "imagefolder" else data.fit
+    if fit == "resize" and h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top:top + side, left:left + side]
+    return fit_resolution(images, data.resolution, fit)
+
+
+def load_inputs(image: Path, mask: str, data: DataConfig) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, uint8 [N, C, R, R] images, bool [N, 1, R, R] regions to generate) from --image (a file, or a folder
+    of image files) and --mask (a named mask, or a PNG at the run's resolution or at the images' size)."""
+    if image.is_dir():
+        files = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise EditError(f"--image {image}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    elif image.is_file():
+        files = [image]
+    else:
+        raise EditError(f"--image {image}: no such file or folder")
+    raw = [read_image(p, "--image") for p in files]
+    known = torch.cat([fit_geometry(match_channels(x, data.channels), data) for x in raw])  # [N, C, R, R]
+    names = [p.stem for p in files]
+    names = names if len(set(names)) == len(names) else [p.name.replace(".", "_") for p in files]
+    resolution = data.resolution
+    fill = named_mask(mask, resolution)
+    if fill is not None:
+        return names, known, fill.expand(len(files), -1, -1).unsqueeze(1)
+    path = Path(mask)
+    if not path.is_file():
+        raise EditError(f"--mask {mask}: not a file nor a named mask ({', '.join(NAMED_MASKS)})")
+    drawn = match_channels(read_image(path, "--mask"), 1)  # [1, 1, h, w]
+    size = tuple(drawn.shape[-2:])
+    masks = []
+    for p, x in zip(files, raw):
+        if size == (resolution, resolution):
+            masks.append(drawn)
+        elif size == tuple(x.shape[-2:]):
+            masks.append(fit_geometry(drawn, data))
+        else:
+            raise EditError(f"--mask {mask}: {size[1]}x{size[0]} px; expected {resolution}x{resolution} (the "
+                            f"run's resolution) or the size of {p.name} ({x.shape[-1]}x{x.shape[-2]})")
+    return names, known, torch.cat(masks) >= 128  # [N, 1, R, R]
+
+
+class Reimpose:
+    """`after_step` for one batch: the known region of x replaced by the known image at x's noise level."""
+
+    def __init__(self, kind: str, known: torch.Tensor, fill: torch.Tensor,
+                 randn: Callable[[torch.Tensor], torch.Tensor]):
+        self.kind, self.known, self.keep, self.randn = kind, known, ~fill, randn  # [b, C, H, W], [b, 1, H, W]
+
+    def __call__(self, x: torch.Tensor, level: float) -> torch.Tensor:
+        noise = self.randn(x)  # drawn at every step, level 1 included: each stream's draws never depend on x
+        if self.kind == "ddpm":  # level = abar (Ho et al. 2020, Eq. 4)
+            known_now = math.sqrt(level) * self.known + math.sqrt(1.0 - level) * noise  # [b, C, H, W]
+        else:  # level = t on the straight path, data at t = 1
+            known_now = level * self.known + (1.0 - level) * noise  # [b, C, H, W]
+        return torch.where(self.keep, known_now.to(x.dtype), x)  # [b, C, H, W]
+
+
+def inpaint(net: torch.nn.Module, cfg: Config, known: torch.Tensor, fill: torch.Tensor, seeds: Sequence[int], *,
+            sampler: str, steps: int, guidance: float = 1.0, label: int | None = None, resample: int = 0,
+            batch: int = 64, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 [N, S, C, R, R]: image n [C, R, R] (uint8, at the run's size) edited in `fill` [N, 1, R, R] (True =
+    generate) once per seed; edit (n, s) is `sampling.generate`'s image for seed s with the known region imposed."""
+    from . import sampling
+
+    if cfg.objective.kind == "flow" and sampler == "dopri5":
+        raise EditError("--sampler dopri5: the adaptive solver has no fixed steps to re-impose the known region at; "
+                        "use --sampler euler or heun")
+    device = device or next(net.parameters()).device
+    count, per_image = known.shape[0], len(seeds)
+    known_model = to_model_space(known) * cfg.assigner.image_scale  # [N, C, R, R], the data's model space
+
+    def options(start: int, noise: sampling.SeededNoise) -> dict:
+        rows = torch.arange(start, start + len(noise.generators)) // per_image  # input image of each edit
+        return {"after_step": Reimpose(cfg.objective.kind, known_model[rows].to(device), fill[rows].to(device),
+                                       noise.randn_like), "resample": resample}
+
+    edits = sampling.generate(net, cfg, [s for _ in range(count) for s in seeds], sampler=sampler, steps=steps,
+                              guidance=guidance, labels=None if label is None else [label] * count * per_image,
+                              batch=batch, device=device, sampler_options=options)  # [N * S, C, R, R]
+    return edits.view(count, per_image, *edits.shape[1:])
+
+
+def edit_grid(known: torch.Tensor, fill: torch.Tensor, edits: torch.Tensor) -> np.ndarray:
+    """[N * R, (2 + S) * R, C] uint8: per row an input [C, R, R], its mask (white = generated), its S edits."""
+    count, columns, channels, height, width = edits.shape[0], edits.shape[1] + 2, *edits.shape[2:]
+    mask_image = (fill.to(torch.uint8) * 255).expand(-1, channels, -1, -1)  # [N, C, R, R]
+    rows = torch.cat([known.unsqueeze(1), mask_image.unsqueeze(1), edits], dim=1)  # [N, 2 + S, C, R, R]
+    return rows.permute(0, 3, 1, 4, 2).reshape(count * height, columns * width, channels).numpy()
+
+
+def inpaint_run(run: Run, *, ckpt: str, image: Path, mask: str, seeds: Sequence[int], steps: int | None,
+                sampler: str | None, guidance: float | None, label: int | None, batch: int | None, resample: int,
+                out_dir: Path | None, grid: Path | None, ema: bool, device: str,
+                progress: Progress | None = None) -> list[Path]:
+    """`immiscible sample --inpaint`: every input edited once per seed; the edits as PNG files in `out_dir`
+    (NAME-seedSSSSSS.png), and the grid of inputs, masks and edits at `grid` (default OUT/inpaint-grid.png)."""
+    from .sampling import load_for_sampling
+
+    if len(seeds) > EDITS_MAX:
+        raise EditError(f"--num/--seeds: {len(seeds)} edits per image; give at most {EDITS_MAX}")
+    names, known, fill = load_inputs(Path(image), mask, run.config().data)  # bad input fails before the network
+    net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
+                                                        steps=steps, guidance=guidance, label=label)
+    seeds, rows = list(seeds), []
+    for n, name in enumerate(names):
+        edits = inpaint(net, cfg, known[n:n + 1], fill[n:n + 1], seeds, sampler=sampler,
+                        steps=steps or cfg.sample.steps, label=label, resample=resample,
+                        guidance=cfg.sample.guidance if guidance is None else guidance,
+                        batch=batch or cfg.sample.batch_size, device=torch_device)  # [1, S, C, R, R]
+        if out_dir is not None:
+            save_each(edits[0], [f"{name}-seed{seed:06d}.png" for seed in seeds], Path(out_dir))
+        rows.append(edits)
+        if progress is not None:
+            progress(n + 1, len(names), "inpaint")
+    grid_path = Path(grid) if grid is not None else Path(out_dir) / "inpaint-grid.png"
+    save_png(edit_grid(known, fill, torch.cat(rows)), grid_path)
+    return [Path(p) for p in (out_dir, grid_path) if p is not None]
