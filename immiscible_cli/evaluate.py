@@ -27,7 +27,7 @@ from .config import check_steps
 from .console import Bars, show_table
 from .files import check_writable
 from .metrics import FIDExtractor
-from .metrics.scorer import FIDScorer, append_fid_row, fid_settings, read_fid_rows
+from .metrics.scorer import FIDScorer, append_fid_row, fid_settings, inception_precision, read_fid_rows
 from .networks import load_network, pick_device
 
 
@@ -53,20 +53,21 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         if spec != "all":
             checkpoint.parse_spec(spec)
     torch_device = pick_device(device)
-    extractors: dict[str, FIDExtractor] = {}
+    extractors: dict[tuple[str, str], FIDExtractor] = {}  # one Inception network per mode and precision
     results = []
     for run in targets:
         cfg = run.config()
         if steps is not None:
             check_steps(cfg, steps)
         chosen_mode = mode or cfg.eval.mode
-        if chosen_mode not in extractors:
-            extractors[chosen_mode] = FIDExtractor(chosen_mode, torch_device, weights=inception,
-                                                   batch_size=batch or cfg.eval.batch_size)
+        key = (chosen_mode, inception_precision(cfg.eval.inception_precision, torch_device))
+        if key not in extractors:
+            extractors[key] = FIDExtractor(chosen_mode, torch_device, weights=inception,
+                                           batch_size=batch or cfg.eval.batch_size, precision=key[1])
         with Bars(console) as bars:
             scorer = FIDScorer(cfg, torch_device, progress=bars, num_images=num_images, sampler=sampler,
                                steps=steps, reference=reference, mode=chosen_mode, batch=batch, kid=kid,
-                               extractor=extractors[chosen_mode], reference_images=reference_images)
+                               extractor=extractors[key], reference_images=reference_images)
         wanted = json.dumps(scorer.settings(), sort_keys=True)
 
         def matches(row: dict[str, Any]) -> bool:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY, train_with_fid
+from conftest import TINY, StubNetwork, train_with_fid
 from typer.testing import CliRunner
 
 from immiscible_cli import evaluate, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
+from immiscible_cli.metrics import FIDExtractor, WeightsInfo
 from immiscible_cli.metrics.scorer import FID_SETTINGS, read_fid_rows
 
 runner = CliRunner()
@@ -117,3 +118,25 @@ def test_eval_with_no_runs_anywhere(tmp_path):
 def test_fid_settings_cover_the_comparability_fields(run_with_curve):
     row = read_fid_rows(run_with_curve)[0]
     assert set(FID_SETTINGS) <= set(row)
+
+
+def test_eval_runs_inception_at_the_runs_precision(tmp_path, stub_fid, monkeypatch):
+    """eval.inception_precision applies to `immiscible eval` as to the trainer's FID points (CUDA is simulated:
+    the CPU always runs fp32), and the rows record the precision the network ran at."""
+    run = train_with_fid(load_config("quickstart", TINY + FID_SET + ["eval.inception_precision=fp16"]),
+                         out_root=tmp_path / "runs")
+    assert {r["inception_precision"] for r in read_fid_rows(run)} == {"fp32"}  # trained on the CPU
+    built = []
+
+    def make(mode="clean", device="cpu", weights=None, batch_size=64, precision="fp32", **_):
+        built.append(precision)
+        return FIDExtractor(mode, device, batch_size=batch_size, network=StubNetwork(), precision=precision,
+                            info=WeightsInfo("stub", "", "0" * 64, "float32"))
+
+    monkeypatch.setattr(evaluate, "FIDExtractor", make)
+    monkeypatch.setattr(evaluate, "inception_precision", lambda wanted, device: wanted)  # as on CUDA
+    result = eval_cli(str(run.path), "--fid")
+    assert result.exit_code == 0, result.output
+    assert built == ["fp16"]
+    rows = read_fid_rows(run)
+    assert sorted(r["kimg"] for r in rows if r["inception_precision"] == "fp16") == [0.016, 0.032]
