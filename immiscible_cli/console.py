@@ -28,6 +28,13 @@ def show_table(out: Console, table: Table) -> None:
 Progress = Callable[[int, int, str], None]  # (done, total, what): how a long task reports itself
 
 
+def note(progress: Progress | None, message: str) -> None:
+    """Say what a long phase is about to do, where the progress reporter can (Bars.note); else nothing."""
+    say = getattr(progress, "note", None)
+    if say is not None:
+        say(message)
+
+
 class Bars:
     """Rich progress bars on a terminal console; off a terminal (a log file, a pipe) plain flushed lines, except for
     `keep`-ed bars (their owner logs them): the one progress helper of every command.

@@ -51,10 +51,15 @@ def stream_seed(seed: int, purpose: str) -> int:
 
 
 class Scorer(Protocol):
-    """What the loop needs of a metric (metrics.scorer.FIDScorer is one): a row for the EMA network now."""
+    """What the loop needs of a metric (metrics.scorer.FIDScorer is one): a row for the EMA network now, keeping
+    its first `keep` images in `kept` where `shares_grid` says they are the snapshot grid's."""
+
+    kept: torch.Tensor | None
 
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float,
-              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]: ...
+              progress: Callable[[int, int, str], None] | None = None, keep: int = 0) -> dict[str, Any]: ...
+
+    def shares_grid(self, sample: Any) -> bool: ...
 
 
 def compile_loss(loss: Callable[..., torch.Tensor], *, cuda_graphs: bool = False, backend: str = "inductor",
@@ -251,22 +256,29 @@ class TrainingLoop:
             self.saved_world = int(state.get("world_size", 1))
         self.tick_step = self.step
 
-    @lowers_on_oom("sample.batch_size", "while drawing the snapshot grid")
-    def snapshot(self) -> Path:
+    def snapshot(self, grid: bool = True) -> Path:
+        """Write a checkpoint and, unless `grid` is False (the FID point that follows draws it: fid_point), its
+        sample grid."""
         kimg = self.nimg / 1000
         path = checkpoint.path_for(self.run, kimg)
         state = self.state_dict()  # on every rank; rank 0 alone writes
-        distributed.on_main(lambda: self.write_snapshot(path, state, kimg))
+        distributed.on_main(lambda: self.write_snapshot(path, state, kimg, grid))
         return path
 
-    def write_snapshot(self, path: Path, state: dict, kimg: float) -> None:
+    def write_snapshot(self, path: Path, state: dict, kimg: float, grid: bool = True) -> None:
         checkpoint.save(path, state)
+        if grid:
+            self.draw_grid(kimg)
+        checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg,
+                         self.cfg.train.batch_size)
+
+    @lowers_on_oom("sample.batch_size", "while drawing the snapshot grid")
+    def draw_grid(self, kimg: float) -> None:
+        """The snapshot grid: sample.grid_size images of seeds 0, 1, ... from the EMA network."""
         images = generate(self.ema, self.cfg, list(range(self.cfg.sample.grid_size)),
                           sampler=self.cfg.sample.sampler, steps=self.cfg.sample.steps,
                           guidance=self.cfg.sample.guidance, batch=self.cfg.sample.batch_size, device=self.device)
         save_png(grid_image(images), self.run.grid_path(kimg))
-        checkpoint.prune(self.run, self.cfg.train.keep_last, self.cfg.train.keep_every_kimg,
-                         self.cfg.train.batch_size)
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run_loop(self, reporter: Reporter, scored_kimg: frozenset[float] = frozenset()) -> None:
@@ -285,8 +297,13 @@ class TrainingLoop:
 
         every, batch = interval["fid"], self.cfg.train.batch_size
         owed = every > 0 and self.nimg > 0 and self.nimg // every > (self.nimg - batch) // every  # last step crossed
-        if owed and round(self.nimg / 1000, 6) not in scored_kimg:
-            self.fid_point(reporter)
+        owed = owed and round(self.nimg / 1000, 6) not in scored_kimg
+        # A snapshot whose grid was to come from its FID point lost it if the process died while scoring
+        grid_lost = self.nimg > 0 and not self.run.grid_path(self.nimg / 1000).exists()
+        if owed:
+            self.fid_point(reporter, grid=grid_lost and self.grid_from_fid())
+        if grid_lost and not (owed and self.grid_from_fid()):  # the point is not owed, or no longer shares the grid
+            distributed.on_main(lambda: self.draw_grid(self.nimg / 1000))
         tick_start, tick_nimg = time.perf_counter(), self.nimg
         while self.nimg < total:
             before = self.nimg
@@ -301,17 +318,28 @@ class TrainingLoop:
             self.train_s += elapsed
             self.check_finite()
             self.log_tick(reporter, (self.nimg - tick_nimg) / max(elapsed, 1e-9), self.step - self.tick_step)
+            grid_from_fid = fid and self.grid_from_fid()  # the point's first images are the grid: sample once
             if snapshot:
-                reporter.note(f"snapshot {self.snapshot().name}")
-                reporter.image(self.run.grid_path(self.nimg / 1000), self.nimg)
+                reporter.note(f"snapshot {self.snapshot(grid=not grid_from_fid).name}")
+                if not grid_from_fid:
+                    reporter.image(self.run.grid_path(self.nimg / 1000), self.nimg)
             if fid:
-                self.fid_point(reporter)
+                self.fid_point(reporter, grid=snapshot and grid_from_fid)
             tick_start, tick_nimg = time.perf_counter(), self.nimg
 
+    def grid_from_fid(self) -> bool:
+        """Whether an FID point at a snapshot draws its grid (the same images: FIDScorer.shares_grid)."""
+        return self.scorer is not None and self.scorer.shares_grid(self.cfg.sample)
+
     @lowers_on_oom("eval.batch_size", "while scoring FID")
-    def fid_point(self, reporter: Reporter) -> None:
-        row = self.scorer.score(self.ema, kimg=self.nimg / 1000, step=self.step, train_s=self.train_s,
-                                progress=reporter.bars)
+    def fid_point(self, reporter: Reporter, grid: bool = False) -> None:
+        """Score the EMA network; with `grid`, also write this snapshot's grid from the point's first images."""
+        kimg = self.nimg / 1000
+        row = self.scorer.score(self.ema, kimg=kimg, step=self.step, train_s=self.train_s,
+                                progress=reporter.bars, keep=self.cfg.sample.grid_size if grid else 0)
+        if grid:
+            distributed.on_main(lambda: save_png(grid_image(self.scorer.kept), self.run.grid_path(kimg)))
+            reporter.image(self.run.grid_path(kimg), self.nimg)
         self.fid_sink(row)
         reporter.fid(row)
         reporter.note(f"FID {row['fid']:.3f} at {self.nimg / 1000:g} kimg ({row['num_images']} images, "

@@ -23,6 +23,7 @@ TINY = [
     "train.batch_size=8", "train.total_kimg=0.032", "train.tick_kimg=0.016", "train.snapshot_kimg=0.016",
     "train.warmup_kimg=0.016", "train.lr=1e-3", "train.ema_halflife_kimg=0.01", "train.keep_last=10",
     "sample.grid_size=4", "sample.steps=2", "eval.every_kimg=0",
+    "train.channels_last=false",  # the quickstart presets' true would hide channels_last in every comparison
 ]
 
 

@@ -85,8 +85,12 @@ def test_study_killed_with_sigkill_continues_bit_exactly(tmp_path):
     assert (out / "report.md").is_file()
 
 
-@pytest.mark.parametrize("batch, points", [(8, [0.016, 0.032]), (6, [0.018, 0.036])])  # 6 does not divide 16
-def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, monkeypatch, batch, points):
+@pytest.mark.parametrize("batch, points, resumed_with", [
+    (8, [0.016, 0.032], []), (6, [0.018, 0.036], []),  # 6 does not divide 16
+    (8, [0.016, 0.032], ["eval.steps=3"]),  # the point no longer shares the grid: the grid is drawn apart
+])
+def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, monkeypatch, batch, points,
+                                                          resumed_with):
     cfg = load_config("quickstart", TINY + FID + [f"train.batch_size={batch}"])
     real = scorer_mod.FIDScorer.score
     calls = []
@@ -102,9 +106,13 @@ def test_an_fid_point_lost_in_a_crash_is_scored_on_resume(tmp_path, stub_fid, mo
     run = runs.open_run(tmp_path / "r")
     assert [r["kimg"] for r in read_fid_rows(run)] == points[:1]
     assert checkpoint.list_checkpoints(run)[-1].kimg == points[1]  # the snapshot came before the FID point
+    # the point draws the snapshot's grid (its first images are the grid): lost with it, and drawn on resume
+    assert run.grid_path(points[0]).is_file() and not run.grid_path(points[1]).exists()
     monkeypatch.setattr(scorer_mod.FIDScorer, "score", real)
-    train_with_fid(cfg, out_root=tmp_path, run_dir=tmp_path / "r")
+    train_with_fid(load_config("quickstart", TINY + FID + [f"train.batch_size={batch}", *resumed_with]),
+                   out_root=tmp_path, run_dir=tmp_path / "r", resume=bool(resumed_with))
     assert [r["kimg"] for r in read_fid_rows(run)] == points
+    assert all(run.grid_path(kimg).is_file() for kimg in points)
 
 
 @pytest.mark.parametrize("change, message", [

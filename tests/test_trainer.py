@@ -196,6 +196,52 @@ def test_fid_points_fall_on_multiples_only_and_short_runs_skip_fid(tmp_path, tin
     assert read_fid_rows(short) == [] and len(checkpoint.list_checkpoints(short)) == 2
 
 
+def test_an_fid_point_at_a_snapshot_draws_the_grid_from_its_own_images(tmp_path, tiny, stub_fid, monkeypatch):
+    """The grid's images (seeds 0..grid_size-1, the same sampler and steps) are the FID point's first images: they
+    are sampled once, and the grid matches the one drawn separately (in other batches: 3 + 1 against 4) to within
+    a grey level."""
+    import numpy as np
+    from PIL import Image
+
+    from immiscible_cli.metrics import scorer
+
+    fid = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",
+           "eval.batch_size=3"]
+    cfg = load_config("quickstart", tiny + fid)
+    grids = []
+    real_generate = trainer.generate
+
+    def counting_generate(*args, **kwargs):
+        grids.append(kwargs.get("steps"))
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(trainer, "generate", counting_generate)
+    shared = train_with_fid(cfg, out_root=tmp_path / "shared")
+    assert grids == []  # both snapshots fall on FID points: no separate grid sampling
+    monkeypatch.setattr(scorer.FIDScorer, "shares_grid", lambda self, sample: False)
+    separate = train_with_fid(cfg, out_root=tmp_path / "separate")
+    assert grids == [2, 2]
+    assert read_fid_rows(shared)[-1]["fid"] == read_fid_rows(separate)[-1]["fid"]
+    for kimg in (0.016, 0.032):
+        a, b = (np.asarray(Image.open(run.grid_path(kimg)), dtype=np.int16) for run in (shared, separate))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("extra, world, shared", [
+    ([], 1, True), (["eval.steps=3"], 1, False), (["eval.sampler=heun"], 1, False), (["sample.grid_size=8"], 1, False),
+    (["eval.precision=bf16"], 1, False), (["sample.sampler=dopri5", "eval.sampler=dopri5"], 1, False), ([], 2, False),
+])
+def test_when_the_grid_is_an_fid_points_first_images(tiny, stub_fid, monkeypatch, extra, world, shared):
+    from immiscible_cli import distributed
+    from immiscible_cli.metrics import scorer
+
+    fid = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10"]
+    cfg = load_config("quickstart", tiny + fid + extra)
+    made = scorer.FIDScorer(cfg, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "world", lambda: world)
+    assert made.shares_grid(cfg.sample) is shared
+
+
 def _recorded_draws(monkeypatch, cfg, root):
     """Train `cfg` and record every batch's images, timesteps and flips as the loss sees them."""
     from immiscible_cli.objectives.flow import Flow

@@ -28,7 +28,7 @@ import torch
 
 from .. import assigners
 from ..config import Config, VanillaAssigner
-from ..console import Progress
+from ..console import Progress, note as say
 from ..data import DataError, ImageSet, load_images, to_model_space, to_uint8
 from ..metrics import FIDExtractor, FIDWeightsError
 from ..networks import load_network, pick_device
@@ -220,10 +220,16 @@ def analyze_run(run: Run, settings: RunSettings, progress: Progress | None = Non
             progress(done, steps_total, f"{run.name}: {what}")
 
     held, note = held_out(cfg)
+    say(progress, f"{run.name} @ {chosen.kimg:g} kimg: loss in {settings.bins} noise-level bins on "
+                  f"{min(settings.images, len(held))} images ({note}), own pairing and vanilla")
     losses = loss_per_bin(net, cfg, held, settings, device)
     step("loss per bin")
+    say(progress, f"{run.name}: bijectivity, {settings.samples} samples at W = 0, "
+                  f"{', '.join(f'{w:g}' for w in settings.perturbations)} ({cfg.sample.sampler}, "
+                  f"{settings.steps or cfg.sample.steps} steps) and their Inception features")
     bij, samples, grid = bijectivity(net, cfg, settings, device)
     step("bijectivity")
+    say(progress, f"{run.name}: diversity, nearest neighbours among the samples and in the training images")
     div = diversity(samples, cfg, held, note)
     step("diversity")
     return ({"label": run.name, "run": str(run.path), "checkpoint_kimg": chosen.kimg, "ema": True,

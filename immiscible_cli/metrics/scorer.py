@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import distributed
-from ..config import Config, ConfigError, check_sampler
-from ..console import Progress
+from ..config import Config, ConfigError, SampleConfig, check_sampler
+from ..console import Progress, note as _note
 from ..data import load_images
 from ..files import append_jsonl, read_jsonl
 from ..runs import FID_ROW, Run
@@ -96,6 +96,7 @@ class FIDScorer:
                                                    precision=inception_precision(e.inception_precision, device))
         self._real_batches: Callable[[], Iterator[torch.Tensor]] | None = None  # the reference images, for KID
         self._real_features = None
+        self.kept: torch.Tensor | None = None  # the first images of the last point, when score() was asked to keep
         self.ref_mu, self.ref_sigma, self.ref_info = self._reference(progress)
 
     def _reference(self, progress: Progress | None):
@@ -157,9 +158,18 @@ class FIDScorer:
                            guidance=self.cfg.sample.guidance, batch=self.batch, device=self.device, nfe=nfe,
                            precision=self.cfg.eval.precision)
 
+    def shares_grid(self, sample: SampleConfig) -> bool:
+        """Whether a snapshot grid (sample.grid_size images of seeds 0, 1, ...) is the first images of this scorer's
+        FID point, so that a point scored at a snapshot can hand its images to the grid instead of sampling them
+        again: the same sampler, steps and precision (fp32, as the grid samples), a sampler whose images do not
+        depend on the batch (not dopri5), and one process (with several, rank 0 does not make seeds 0..N-1)."""
+        return (self.sampler == sample.sampler and self.steps == sample.steps and self.cfg.eval.precision == "fp32"
+                and self.sampler != "dopri5" and sample.grid_size <= self.num_images and distributed.world() == 1)
+
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float, ema: bool = True,
-              progress: Progress | None = None) -> dict[str, Any]:
-        """Generate num_images with `net` and score them; the fid.jsonl row."""
+              progress: Progress | None = None, keep: int = 0) -> dict[str, Any]:
+        """Generate num_images with `net` and score them; the fid.jsonl row. `keep`: the first `keep` generated
+        images (uint8) stay in `self.kept` for the caller (the snapshot grid, see shares_grid)."""
         start = time.perf_counter()
         was_training = net.training
         net.eval()
@@ -171,8 +181,17 @@ class FIDScorer:
                         f"steps) and scoring them")
         if report is not None:
             report(0)
+        kept: list[torch.Tensor] = []
+
+        def generated() -> Iterator[torch.Tensor]:
+            for images in self.generated(net, nfe):
+                if keep > sum(len(k) for k in kept):
+                    kept.append(images[:keep - sum(len(k) for k in kept)].clone())
+                yield images
+
         try:
-            stats = self.extractor.stats(self.generated(net, nfe), report, keep_features=self.kid)
+            stats = self.extractor.stats(generated(), report, keep_features=self.kid)
+            self.kept = torch.cat(kept) if kept else None
         finally:
             net.train(was_training)
         stats, nfe = shards.combine(stats, nfe, self.num_images, self.batch, self.device)
@@ -194,13 +213,6 @@ class FIDScorer:
         if self._real_features is None:
             self._real_features = self.extractor.features(self._real_batches())
         return compute_kid(stats.features(), self._real_features)
-
-
-def _note(progress: Progress | None, message: str) -> None:
-    """Say what a long phase does, where the progress reporter can (console.Bars.note)."""
-    note = getattr(progress, "note", None)
-    if note is not None:
-        note(message)
 
 
 def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
