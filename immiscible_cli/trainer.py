@@ -300,9 +300,10 @@ class TrainingLoop:
         owed = owed and round(self.nimg / 1000, 6) not in scored_kimg
         # A snapshot whose grid was to come from its FID point lost it if the process died while scoring
         grid_lost = self.nimg > 0 and not self.run.grid_path(self.nimg / 1000).exists()
+        grid_with_point = owed and grid_lost and self.grid_from_fid()
         if owed:
-            self.fid_point(reporter, grid=grid_lost and self.grid_from_fid())
-        if grid_lost and not (owed and self.grid_from_fid()):  # the point is not owed, or no longer shares the grid
+            self.fid_point(reporter, grid=grid_with_point)
+        if grid_lost and not grid_with_point:  # the point is not owed, or no longer shares the grid
             distributed.on_main(lambda: self.draw_grid(self.nimg / 1000))
         tick_start, tick_nimg = time.perf_counter(), self.nimg
         while self.nimg < total:

@@ -184,9 +184,11 @@ class FIDScorer:
         kept: list[torch.Tensor] = []
 
         def generated() -> Iterator[torch.Tensor]:
+            wanted = keep
             for images in self.generated(net, nfe):
-                if keep > sum(len(k) for k in kept):
-                    kept.append(images[:keep - sum(len(k) for k in kept)].clone())
+                if wanted > 0:
+                    kept.append(images[:wanted].clone())
+                    wanted -= len(kept[-1])
                 yield images
 
         try:
