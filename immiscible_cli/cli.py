@@ -133,6 +133,9 @@ PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset
                                                   "or path to a YAML file. Default: quickstart.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.FIELD=VALUE",
                                                      help="Override one field; VALUE is parsed as YAML. Repeatable.")]
+SamplingSetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", metavar="SECTION.FIELD=VALUE", help="Change how images are drawn or scored: a sample.* or eval.* "
+    "field (e.g. sample.eta=0.5, sample.start_std=0.98); VALUE is parsed as YAML. Repeatable.")]
 InceptionOpt = Annotated[Optional[Path], typer.Option("--inception", help="FID Inception weights (TorchScript or "
                                                       "state_dict); also IMMISCIBLE_INCEPTION.")]
 
@@ -259,6 +262,7 @@ def sample(
                                                 "(white = generate, black = keep). Default: center.")] = None,
     resample: Annotated[int, typer.Option(min=0, help="With --inpaint: RePaint jumps back per step "
                                           "(0 = off).")] = 0,
+    set_: SamplingSetOpt = None,
 ) -> None:
     """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
     one_process("sample")
@@ -290,14 +294,14 @@ def sample(
             written = editing.inpaint_run(source, ckpt=ckpt, image=image, mask=mask or "center", seeds=chosen,
                                           steps=steps, sampler=sampler, guidance=guidance, label=class_,
                                           batch=batch, resample=resample, out_dir=out_dir, grid=grid, ema=ema,
-                                          device=device, progress=bars)
+                                          device=device, progress=bars, overrides=set_ or [])
         for path in written:
             out.print(f"wrote {path}", markup=False)
         return
     with Bars(err) as bars:
         written = sampling.sample_run(source, ckpt=ckpt, seeds=chosen, steps=steps, sampler=sampler,
                                       guidance=guidance, label=class_, batch=batch, out_dir=out_dir, grid=grid,
-                                      ema=ema, device=device, progress=bars)
+                                      ema=ema, device=device, progress=bars, overrides=set_ or [])
     for path in written:
         shown = f" (the first {sampling.GRID_MAX} of {len(chosen)} images)" \
             if path == grid and len(chosen) > sampling.GRID_MAX else ""
@@ -315,6 +319,8 @@ def sample(
     "immiscible eval runs/00003-cifar10-knn --fid --num-images 50000 --ckpt latest",
     "two runs, curves as JSON",
     "immiscible eval runs/a runs/b --fid --json > curves.json",
+    "the last checkpoint again with guidance 2 and DDIM eta 0.5 (rows beside the run's own, settings recorded)",
+    "immiscible eval runs/00003-cifar10-knn --fid --ckpt latest --set sample.guidance=2 --set sample.eta=0.5",
 ))
 @reports_user_errors
 @joins_process_group
@@ -340,6 +346,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the curves as JSON on stdout.")] = False,
     inception: InceptionOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    set_: SamplingSetOpt = None,
 ) -> None:
     """Score a run's checkpoints with FID (clean-fid's pipeline).
 
@@ -355,7 +362,7 @@ def eval_(
                                         sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
                                         inception=inception, device=device,
                                         console=Console(quiet=True) if _other_rank() else err,
-                                        reference_images=reference_images)
+                                        reference_images=reference_images, overrides=set_ or [])
     if _other_rank():  # rank 0 reports
         return
     if as_json:

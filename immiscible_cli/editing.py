@@ -173,7 +173,7 @@ def edit_grid(known: torch.Tensor, fill: torch.Tensor, edits: torch.Tensor) -> n
 def inpaint_run(run: Run, *, ckpt: str, image: Path, mask: str, seeds: Sequence[int], steps: int | None,
                 sampler: str | None, guidance: float | None, label: int | None, batch: int | None, resample: int,
                 out_dir: Path | None, grid: Path | None, ema: bool, device: str,
-                progress: Progress | None = None) -> list[Path]:
+                progress: Progress | None = None, overrides: Sequence[str] = ()) -> list[Path]:
     """`immiscible sample --inpaint`: every input edited once per seed; the edits as PNG files in `out_dir`
     (NAME-seedSSSSSS.png), and the grid of inputs, masks and edits at `grid` (default OUT/inpaint-grid.png)."""
     from .sampling import load_for_sampling
@@ -182,7 +182,8 @@ def inpaint_run(run: Run, *, ckpt: str, image: Path, mask: str, seeds: Sequence[
         raise EditError(f"--num/--seeds: {len(seeds)} edits per image; give at most {EDITS_MAX}")
     names, known, fill = load_inputs(Path(image), mask, run.config().data)  # bad input fails before the network
     net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
-                                                        steps=steps, guidance=guidance, label=label)
+                                                        steps=steps, guidance=guidance, label=label,
+                                                        overrides=overrides)
     seeds, rows = list(seeds), []
     for n, name in enumerate(names):
         edits = inpaint(net, cfg, known[n:n + 1], fill[n:n + 1], seeds, sampler=sampler,

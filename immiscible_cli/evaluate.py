@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -29,6 +29,7 @@ from .files import check_writable
 from .metrics import FIDExtractor
 from .metrics.scorer import FIDScorer, append_fid_row, fid_settings, inception_precision, read_fid_rows
 from .networks import load_network, pick_device
+from .sampling import sampling_config
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -45,8 +46,13 @@ def select_checkpoints(run: runs.Run, specs: list[str]) -> list[checkpoint.Check
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
                   inception: Path | None, device: str, console: Console,
-                  reference_images: int | None = None) -> list[dict[str, Any]]:
-    """Score every selected checkpoint that has no row with the same settings yet; the curves per run."""
+                  reference_images: int | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Score every selected checkpoint that has no row with the same settings yet; the curves per run.
+
+    `overrides`: `--set` of sampling and FID fields (SAMPLING_OVERRIDES, e.g. `sample.start_std=0.98`), applied to
+    every run's config; the rows record them, so such a point sits beside the run's own and is compared only with
+    points scored the same way."""
+    configs = [sampling_config(run, overrides) for run in targets]  # a bad --set fails before any work
     for run in targets:  # each run's fid.jsonl must take rows: a read-only or full disk fails before any scoring
         check_writable(run.fid_path(), "file", append=True)
     for spec in ckpts:  # before any reference statistics are computed
@@ -55,8 +61,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
     torch_device = pick_device(device)
     extractors: dict[tuple[str, str], FIDExtractor] = {}  # one Inception network per mode and precision
     results = []
-    for run in targets:
-        cfg = run.config()
+    for run, cfg in zip(targets, configs):
         if steps is not None:
             check_steps(cfg, steps)
         chosen_mode = mode or cfg.eval.mode

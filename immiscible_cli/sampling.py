@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from . import assigners
-from .config import Config, check_sampler, check_steps
+from .config import SAMPLING_OVERRIDES, Config, check_sampler, check_steps, with_overrides
 from .data import to_uint8
 from .console import Progress
 from .counter_noise import CounterNoise
@@ -183,13 +183,24 @@ def sample_batches(net: torch.nn.Module, cfg: Config, seeds: Iterable[int], *, b
                               **options)
 
 
+def sampling_config(run: Run, overrides: Sequence[str] = ()) -> Config:
+    """The run's config with `--set` overrides of how images are drawn (SAMPLING_OVERRIDES: `sample.*`, `eval.*`),
+    validated; anything that would change the trained network is a ConfigError naming the override."""
+    cfg = run.config()
+    return with_overrides(cfg, list(overrides), SAMPLING_OVERRIDES, "when sampling a trained run") if overrides \
+        else cfg
+
+
 def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: str | None, steps: int | None,
-                      guidance: float | None, label: int | None) -> tuple[torch.nn.Module, Config, str, torch.device]:
-    """`sample`'s options checked against the run, and its network: (net, config, sampler, device)."""
+                      guidance: float | None, label: int | None, overrides: Sequence[str] = ()
+                      ) -> tuple[torch.nn.Module, Config, str, torch.device]:
+    """`sample`'s options checked against the run, and its network: (net, config with `overrides`, sampler,
+    device)."""
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: expected a finite weight >= 0 (1 = no guidance)")
+    cfg = sampling_config(run, overrides)  # a bad --set fails before the network is read
     torch_device = pick_device(device)
-    net, cfg, _, _ = load_network(run, ckpt, ema, torch_device)
+    net, _, _, _ = load_network(run, ckpt, ema, torch_device)
     sampler = sampler or cfg.sample.sampler
     check_sampler(cfg.objective.kind, sampler)
     if steps is not None:
@@ -202,11 +213,13 @@ def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: s
 
 def sample_run(run: Run, *, ckpt: str, seeds: Sequence[int], steps: int | None, sampler: str | None,
                guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
-               grid: Path | None, ema: bool, device: str, progress: Progress | None = None) -> list[Path]:
+               grid: Path | None, ema: bool, device: str, progress: Progress | None = None,
+               overrides: Sequence[str] = ()) -> list[Path]:
     """`immiscible sample`: images from a run's snapshot as PNG files (written batch by batch, as they come) and/or
     one grid of the first GRID_MAX (only those are made without `out_dir`); returns what it wrote."""
     net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
-                                                        steps=steps, guidance=guidance, label=label)
+                                                        steps=steps, guidance=guidance, label=label,
+                                                        overrides=overrides)
     count = len(seeds) if out_dir is not None else min(len(seeds), GRID_MAX)
     shown, kept, done = min(count, GRID_MAX) if grid is not None else 0, [], 0
     batches = sample_batches(net, cfg, itertools.islice(seeds, count), batch=batch or cfg.sample.batch_size,

@@ -6,10 +6,12 @@ import json
 
 import pytest
 from conftest import TINY, StubNetwork, train_with_fid
+from rich.console import Console
 from typer.testing import CliRunner
 
 from immiscible_cli import evaluate, runs, trainer
 from immiscible_cli.cli import app
+from immiscible_cli.compare_runs import choose_fid_rows
 from immiscible_cli.config import load_config
 from immiscible_cli.metrics import FIDExtractor, WeightsInfo
 from immiscible_cli.metrics.scorer import FID_SETTINGS, read_fid_rows
@@ -98,7 +100,29 @@ def test_kid_is_stored_beside_fid(run_with_curve):
     assert len(rows) == 1 and rows[0]["kimg"] == 0.032
 
 
+def test_eval_set_scores_beside_the_runs_own_points(run_with_curve):
+    """`eval --set sample.start_std=0.5` adds a row that records the setting, beside the trainer's rows (which it
+    neither replaces nor re-scores); a second call adds nothing; compare still reads the run's own curve."""
+    before = read_fid_rows(run_with_curve)
+    first = eval_cli(str(run_with_curve.path), "--fid", "--ckpt", "latest", "--set", "sample.start_std=0.5")
+    assert first.exit_code == 0, first.output
+    assert "0 already scored" in first.output and "1 to score" in first.output
+    rows = read_fid_rows(run_with_curve)
+    assert rows[:len(before)] == before and len(rows) == len(before) + 1
+    new = rows[-1]
+    assert new["kimg"] == 0.032 and new["sampling"]["start_std"] == 0.5
+    assert all(r["sampling"]["start_std"] == 1.0 for r in before)
+    assert new["fid"] != next(r["fid"] for r in before if r["kimg"] == 0.032)
+    again = eval_cli(str(run_with_curve.path), "--fid", "--ckpt", "latest", "--set", "sample.start_std=0.5")
+    assert again.exit_code == 0 and "1 already scored" in again.output
+    assert len(read_fid_rows(run_with_curve)) == len(rows)
+    chosen = choose_fid_rows({"run": read_fid_rows(run_with_curve)}, strict=True, err=Console())
+    assert chosen["run"] == before  # compare's choice: the combination with the most points
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["--fid", "--set", "train.lr=1"], "'train.lr' cannot change when sampling a trained run"),
+    (["--fid", "--set", "sample.start_std=-1"], "sample.start_std"),
     ([], "choose a metric"),
     (["--fid", "--sampler", "ddim"], "accepted: euler, heun"),
     (["--fid", "--reference", "cleanfid"], "CIFAR-10"),

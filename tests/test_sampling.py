@@ -174,7 +174,26 @@ def test_sample_command_writes_files_and_grid(trained_run, tmp_path):
     assert one.exit_code == 0, one.output
 
 
+def test_sample_set_changes_how_images_are_drawn(trained_run, tmp_path):
+    """`sample --set sample.start_std=...` draws from the same network with a smaller start; the default is
+    unchanged by the option existing (same seed, same file bytes), and config.yaml is not touched."""
+    config_before = (trained_run.path / "config.yaml").read_bytes()
+
+    def one(name: str, *extra: str):
+        result = runner.invoke(app, ["sample", str(trained_run.path), "--seeds", "4", "--out", str(tmp_path / name),
+                                     "--steps", "2", *extra])
+        assert result.exit_code == 0, result.output
+        return torch.tensor(list(Image.open(tmp_path / name / "seed000004.png").getdata()))
+
+    plain, again, small = one("a"), one("b"), one("c", "--set", "sample.start_std=0.25")
+    assert torch.equal(plain, again)
+    assert not torch.equal(plain, small)
+    assert (trained_run.path / "config.yaml").read_bytes() == config_before
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["--num", "2", "--grid", "g.png", "--set", "model.channels=8"], "'model.channels' cannot change when sampling"),
+    (["--num", "2", "--grid", "g.png", "--set", "sample.start_std=0"], "sample.start_std"),
     (["--num", "2"], "nothing to write"),
     (["--num", "2", "--grid", "g.png", "--sampler", "ddim"], "accepted: euler, heun"),
     (["--num", "2", "--grid", "g.png", "--ckpt", "77"], "no snapshot at 77"),

@@ -1,17 +1,16 @@
 """Configuration: the schema (`schema.py`) apart from loading, presets, `--set` and errors (`loading.py`)."""
 
-from .loading import (RESUMABLE_OVERRIDES, ConfigError, changed_fields, check_sampler, check_steps, list_presets,
-                      load_config, load_run_config, preset_dir, read_yaml, resolve_preset, resumable, validate,
-                      with_overrides)
+from .loading import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, ConfigError, changed_fields, check_sampler,
+                      check_steps, list_presets, load_config, load_run_config, preset_dir, read_yaml, resolve_preset,
+                      resumable, validate, with_overrides)
 from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIVE_SECTIONS, SAMPLERS, Assigner,
                      Config, DataConfig, DDPMObjective, EvalConfig, FlowObjective, KNNAssigner, LinearAssigner,
                      ModelConfig, Objective, SampleConfig, TrainConfig, VanillaAssigner)
 
 __all__ = [
     "ASSIGNER_NAMES", "ASSIGNER_SECTIONS", "DEFAULT_PRESET", "OBJECTIVE_SECTIONS", "RESUMABLE_OVERRIDES", "SAMPLERS",
-    "Assigner", "Config", "ConfigError", "DDPMObjective", "DataConfig", "EvalConfig", "FlowObjective",
-    "KNNAssigner", "LinearAssigner", "ModelConfig", "Objective", "SampleConfig", "TrainConfig", "VanillaAssigner",
-    "changed_fields", "check_sampler", "check_steps", "list_presets", "load_config", "load_run_config", "preset_dir",
-    "read_yaml", "resolve_preset",
-    "resumable", "validate", "with_overrides",
+    "SAMPLING_OVERRIDES", "Assigner", "Config", "ConfigError", "DDPMObjective", "DataConfig", "EvalConfig",
+    "FlowObjective", "KNNAssigner", "LinearAssigner", "ModelConfig", "Objective", "SampleConfig", "TrainConfig",
+    "VanillaAssigner", "changed_fields", "check_sampler", "check_steps", "list_presets", "load_config",
+    "load_run_config", "preset_dir", "read_yaml", "resolve_preset", "resumable", "validate", "with_overrides",
 ]

@@ -21,6 +21,9 @@ from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIV
 # extended this way is the same run as one configured with the new values from the start.
 RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
                        "train.keep_every_kimg", "train.batch_gpu", "train.loggers", "sample.", "eval.")
+# Fields `immiscible sample` and `immiscible eval` may change with `--set` when they use a trained run: how images
+# are drawn and scored, never what was trained. An FID row records every one of them that changes the images.
+SAMPLING_OVERRIDES = ("sample.", "eval.")
 
 
 def resumable(field: str) -> bool:
@@ -192,15 +195,16 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
-                   allowed: tuple[str, ...] | None = None) -> Config:
+                   allowed: tuple[str, ...] | None = None, where: str = "in a run that has started") -> Config:
     """A copy of config with `--set section.field=value` overrides applied and validated.
 
-    `allowed`: field paths (or section prefixes ending in '.') that may be overridden; others are refused."""
+    `allowed`: field paths (or section prefixes ending in '.') that may be overridden; others are refused with a
+    message saying they cannot change `where`."""
     raw = config.to_dict()
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
-            raise ConfigError(f"--set {item}: '{key}' cannot change in a run that has started (changeable: "
+            raise ConfigError(f"--set {item}: '{key}' cannot change {where} (changeable: "
                               f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
         apply_override(raw, item)
 
