@@ -9,7 +9,7 @@ from conftest import TINY, StubNetwork, train_with_fid
 from rich.console import Console
 from typer.testing import CliRunner
 
-from immiscible_cli import evaluate, runs, trainer
+from immiscible_cli import evaluate
 from immiscible_cli.cli import app
 from immiscible_cli.compare_runs import choose_fid_rows
 from immiscible_cli.config import load_config

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cleanfid import fid as cleanfid_fid
-from immiscible_cli.metrics import FIDExtractor, fid_from_features, inception, weights
+from immiscible_cli.metrics import FIDExtractor, fid_from_features, weights
 from immiscible_cli.metrics.features import resize_legacy_tensorflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

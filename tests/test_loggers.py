@@ -9,7 +9,6 @@ import struct
 import sys
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import train_with_fid
