@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 
 from .compare_curves import Curve, mean_curve, value_at
+from .config import ConfigError, validate
 from .errors import UserError
 from .metrics.scorer import fid_settings, read_fid_rows
 from .runs import Run, open_run
@@ -93,7 +94,7 @@ def choose_fid_rows(rows_by_run: dict[str, list[dict[str, Any]]], *, strict: boo
 
 
 # Fields that do not change what a run learns: runs differing only here (and in seed) are seeds of one experiment.
-_NOT_THE_EXPERIMENT = ("name", "seed", "data.root", "train.keep_last", "train.keep_every_kimg")
+_NOT_THE_EXPERIMENT = ("name", "seed", "data.root", "train.keep_last", "train.keep_every_kimg", "train.loggers")
 
 
 def experiment_key(config: dict[str, Any]) -> str:
@@ -160,7 +161,10 @@ def _config_dict(run: Run) -> dict[str, Any]:
         config = None
     if not isinstance(config, dict):
         raise CompareError(f"{run.config_path()}: not a config mapping; was the run made by `immiscible train`?")
-    return config
+    try:  # a field added since the run was made reads as its default, the behaviour the run had: a run made by an
+        return validate(config, str(run.config_path())).to_dict()  # older version is a seed of the same experiment
+    except ConfigError:  # a config this version cannot read is compared as written
+        return config
 
 
 def _single(run: Run, name: str, rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> Entry:

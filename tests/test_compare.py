@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 from compare_fakes import SETTINGS, as_json, invoke, make_run
 from rich.console import Console
 
@@ -155,6 +156,23 @@ def test_seed_group_mean_std_and_speedup_from_the_mean_curve(pair: tuple[Path, P
     assert group["kimg_to_target"] == pytest.approx(22.5) and group["speedup"] == pytest.approx(40 / 22.5)
     table = invoke(base, knn, knn_seed1, "--target", "10")
     assert table.exit_code == 0 and "±" in table.stdout and "mean ± std over seeds" in table.stdout
+
+
+def test_a_run_made_before_a_field_existed_is_a_seed_of_the_same_experiment(pair: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    """A config.yaml written by an older version lacks later fields; they read as their defaults (the behaviour the
+    run had), so it still groups with newer seeds. A real difference (the learning rate) still separates runs."""
+    base, knn = pair
+    older = yaml.safe_load((knn / "config.yaml").read_text())
+    del older["sample"]["start_std"], older["train"]["loggers"], older["train"]["channels_last"]
+    (knn / "config.yaml").write_text(yaml.safe_dump(older))
+    seed1 = make_run(tmp_path, "00003-knn", [(10, 16.0), (30, 8.0)], assigner={"name": "knn", "k": 8}, seed=1)
+    grouped = as_json(base, knn, seed1, "--target", "10")
+    assert [r["n_seeds"] for r in grouped["runs"]] == [1, 2]
+    other = yaml.safe_load((seed1 / "config.yaml").read_text())
+    other["train"]["lr"] = 1e-3
+    (seed1 / "config.yaml").write_text(yaml.safe_dump(other))
+    assert [r["n_seeds"] for r in as_json(base, knn, seed1, "--target", "10")["runs"]] == [1, 1, 1]
 
 
 # --- FID settings --------------------------------------------------------------------------------------------------

@@ -66,8 +66,9 @@ def test_study_killed_with_sigkill_continues_bit_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the threads of the in-process run
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     first_run = out / "runs" / "vanilla-s0"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(checkpoint.list_checkpoints(runs.Run(first_run))) < 2:
+    deadline = time.time() + 600  # generous: a loaded machine starts the subprocess slowly
+    while (time.time() < deadline and process.poll() is None
+           and len(checkpoint.list_checkpoints(runs.Run(first_run))) < 2):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
