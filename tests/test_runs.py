@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 
 import pytest
 
@@ -19,6 +21,30 @@ def test_numbered_runs_never_collide(tmp_path):
     assert runs.next_run_path(tmp_path / "runs", "x").name == "00010-x"
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_state_names_the_commit_and_uncommitted_edits(tmp_path):
+    """meta.json's git_sha is the package checkout's HEAD; git_dirty says whether its files had edits not in it."""
+    assert runs.git_state(tmp_path) == {"git_sha": None, "git_dirty": None}  # not a checkout: unknown
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "mod.py").write_text("x = 1\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert runs.git_state(package) == {"git_sha": head, "git_dirty": False}
+    (tmp_path / "elsewhere.txt").write_text("outside the package: not counted\n")
+    (package / "new.py").write_text("untracked: not counted\n")
+    assert runs.git_state(package)["git_dirty"] is False
+    (package / "mod.py").write_text("x = 2\n")
+    assert runs.git_state(package) == {"git_sha": head, "git_dirty": True}
+
+
 def test_round_trip(tmp_path):
     cfg = load_config("fmnist-knn", ["train.lr=1e-4"])
     run = runs.create_run(tmp_path, cfg, argv=["immiscible", "train", "--preset", "fmnist-knn"])
@@ -26,7 +52,8 @@ def test_round_trip(tmp_path):
     assert reopened.config() == cfg
     meta = reopened.meta()
     assert meta["argv"][2:] == ["--preset", "fmnist-knn"]
-    for key in ("immiscible_version", "torch_version", "python_version", "git_sha", "device", "start_time"):
+    for key in ("immiscible_version", "torch_version", "python_version", "git_sha", "git_dirty", "device",
+                "start_time"):
         assert key in meta
     assert (run.path / "checkpoints").is_dir() and (run.path / "samples").is_dir()
     run.append_metrics({"kimg": 1.0, "loss": 0.5})
