@@ -263,7 +263,9 @@ class SampleConfig(_Section):
     start_std: float = Field(1.0, gt=0.0, le=10.0)
     """Standard deviation of the starting noise x_T ~ N(0, start_std^2 I): 1.0 is the papers' (and every result's)
     choice. A diagnostic for assigners whose training noise is smaller than N(0, I)'s: KNN keeps the nearest of k
-    draws, whose mean |n|^2 / D (`noise_sqnorm` in metrics.jsonl) is below 1; sqrt of it matches that norm."""
+    draws, whose mean |n|^2 / D (`noise_sqnorm` in metrics.jsonl) is below 1; sqrt of it matches that norm. Early in
+    training a start a little below 1 lowers every rule's FID (docs/results/fashion-mnist.md): compare rules at the
+    same start_std. `immiscible eval --set sample.start_std=S` rescores a run without changing it."""
 
 
 class EvalConfig(_Section):
