@@ -210,8 +210,8 @@ def sample(
     "immiscible eval runs/00003-cifar10-knn --fid --num-images 50000 --ckpt latest",
     "two runs, curves as JSON",
     "immiscible eval runs/a runs/b --fid --json > curves.json",
-    "the last checkpoint again with guidance 2 and DDIM eta 0.5 (rows beside the run's own, settings recorded)",
-    "immiscible eval runs/00003-cifar10-knn --fid --ckpt latest --set sample.guidance=2 --set sample.eta=0.5",
+    "a conditional run's last checkpoint again with guidance 2 (rows beside the run's own, settings recorded)",
+    "immiscible eval runs/00005-fmnist-knn-cond --fid --ckpt latest --set sample.guidance=2",
 ))
 @reports_user_errors
 @joins_process_group

@@ -282,7 +282,8 @@ def provenance(argv: list[str] | None, device: str) -> dict[str, Any]:
 
 def git_state(here: Path | None = None) -> dict[str, Any]:
     """The checkout the package runs from (an installed wheel has none): `git_sha`, its HEAD, and `git_dirty`,
-    whether the package's files differ from it (uncommitted edits then shaped the run too); None when unknown."""
+    whether the package's tracked files differ from it (uncommitted edits then shaped the run too; files git does
+    not track are not counted); None when unknown."""
     here = Path(here or Path(__file__).resolve().parent)
 
     def git(*args: str) -> str | None:
