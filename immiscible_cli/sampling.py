@@ -187,8 +187,13 @@ def sampling_config(run: Run, overrides: Sequence[str] = ()) -> Config:
     """The run's config with `--set` overrides of how images are drawn (SAMPLING_OVERRIDES: `sample.*`, `eval.*`),
     validated; anything that would change the trained network is a ConfigError naming the override."""
     cfg = run.config()
-    return with_overrides(cfg, list(overrides), SAMPLING_OVERRIDES, "when sampling a trained run") if overrides \
-        else cfg
+    if not overrides:
+        return cfg
+    changed = with_overrides(cfg, list(overrides), SAMPLING_OVERRIDES, "when sampling a trained run")
+    if cfg.model.num_classes is None and changed.sample.guidance != cfg.sample.guidance:
+        raise UserError(f"--set sample.guidance={changed.sample.guidance:g}: this run is unconditional "
+                        f"(model.num_classes is not set), so guidance would change nothing; drop it")
+    return changed
 
 
 def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: str | None, steps: int | None,
