@@ -26,9 +26,14 @@ RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_ki
 SAMPLING_OVERRIDES = ("sample.", "eval.")
 
 
+def is_listed(field: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `section.field` is in `allowed`: named, or under a section prefix ending in '.'."""
+    return any(field == a or (a.endswith(".") and field.startswith(a)) for a in allowed)
+
+
 def resumable(field: str) -> bool:
     """Whether `section.field` is one of RESUMABLE_OVERRIDES (a field a started run may change)."""
-    return any(field == a or (a.endswith(".") and field.startswith(a)) for a in RESUMABLE_OVERRIDES)
+    return is_listed(field, RESUMABLE_OVERRIDES)
 
 
 def changed_fields(old: Config, new: Config) -> list[str]:
@@ -203,7 +208,7 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
     raw = config.to_dict()
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+        if allowed is not None and not is_listed(key, allowed):
             raise ConfigError(f"--set {item}: '{key}' cannot change {where} (changeable: "
                               f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
         apply_override(raw, item)
