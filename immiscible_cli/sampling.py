@@ -204,6 +204,9 @@ def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: s
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: expected a finite weight >= 0 (1 = no guidance)")
     cfg = sampling_config(run, overrides)  # a bad --set fails before the network is read
+    if guidance is not None and guidance != 1 and cfg.model.num_classes is None:
+        raise UserError(f"--guidance {guidance:g}: this run is unconditional (model.num_classes is not set), so "
+                        f"guidance would change nothing; drop it")
     torch_device = pick_device(device)
     net, _, _, _ = load_network(run, ckpt, ema, torch_device)
     sampler = sampler or cfg.sample.sampler

@@ -195,6 +195,7 @@ def test_sample_set_changes_how_images_are_drawn(trained_run, tmp_path):
     (["--num", "2", "--grid", "g.png", "--set", "model.channels=8"], "'model.channels' cannot change when sampling"),
     (["--num", "2", "--grid", "g.png", "--set", "sample.start_std=0"], "sample.start_std"),
     (["--num", "2", "--grid", "g.png", "--set", "sample.guidance=2"], "this run is unconditional"),
+    (["--num", "2", "--grid", "g.png", "--guidance", "2"], "--guidance 2: this run is unconditional"),
     (["--num", "2"], "nothing to write"),
     (["--num", "2", "--grid", "g.png", "--sampler", "ddim"], "accepted: euler, heun"),
     (["--num", "2", "--grid", "g.png", "--ckpt", "77"], "no snapshot at 77"),
