@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -176,13 +177,27 @@ def _single(run: Run, name: str, rows: list[dict[str, Any]], chosen: list[dict[s
                  [Member(name, config.get("seed"), curve)])
 
 
+def _group_name(seeds: list[Entry]) -> str:
+    """A seed group's name: what its members' names share once each drops its own seed from its end (`vanilla-s0`,
+    `vanilla-s1` -> `vanilla`, as `immiscible study` names runs); otherwise its first member's name."""
+    if len(seeds) == 1:
+        return seeds[0].name
+    stems = set()
+    for entry in seeds:
+        seed = entry.seeds[0].seed
+        match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?{seed}", entry.name) if isinstance(seed, int) else None
+        stems.add(match.group(1) if match else None)
+    stem = stems.pop() if len(stems) == 1 else None
+    return stem if stem else seeds[0].name
+
+
 def _merge(seeds: list[Entry]) -> Entry:
     """Runs that differ only in their seed as one entry, compared through their mean curve."""
     curve = seeds[0].curve if len(seeds) == 1 else mean_curve([s.curve for s in seeds])
     if curve is None:
         raise CompareError(f"runs {', '.join(s.name for s in seeds)} differ only in their seed but share no "
                            f"evaluated kimg range; evaluate them over a common range")
-    return Entry(seeds[0].name, [s.name for s in seeds], seeds[0].config, curve,
+    return Entry(_group_name(seeds), [s.name for s in seeds], seeds[0].config, curve,
                  statistics.fmean(s.kimg_trained for s in seeds), seeds[0].settings,
                  [m for s in seeds for m in s.seeds])
 
@@ -199,7 +214,11 @@ def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Consol
     for name, run in zip(names, runs):
         single = _single(run, name, rows[name], chosen[name])
         groups.setdefault(experiment_key(single.config), []).append(single)
-    return [_merge(seeds) for seeds in groups.values()]
+    entries = [_merge(seeds) for seeds in groups.values()]
+    for entry in entries:  # a group named like another run (a folder called `vanilla`) keeps its first member's name
+        if entry.name not in entry.members and entry.name in names:
+            entry.name = entry.members[0]
+    return entries
 
 
 def open_runs(paths: list[Path], baseline: Path | None) -> tuple[list[Run], int]:

@@ -178,3 +178,23 @@ def test_plot_of_seed_groups_draws_each_seed(tmp_path: Path) -> None:
     target = tmp_path / "seeds.png"
     result = invoke(*seed_runs(tmp_path), "--plot", target)
     assert result.exit_code == 0 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_seed_group_is_named_by_what_its_members_share_without_their_seed(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path, f"{i:05d}-{name}", VANILLA[seed] if name.startswith("van") else KNN_CURVES[seed],
+                     seed=seed, assigner=None if name.startswith("van") else KNN)
+            for i, (name, seed) in enumerate([("vanilla-s0", 0), ("vanilla-s1", 1), ("knn8-seed0", 0),
+                                              ("knn8-seed1", 1)])]
+    study_named = []
+    for path in runs:  # as `immiscible study` names them: runs/vanilla-s0, ...
+        study_named.append(path.rename(tmp_path / path.name.split("-", 1)[1]))
+    document = as_json(*study_named)
+    assert [r["run"] for r in document["runs"]] == ["vanilla", "knn8"]
+    assert document["baseline"] == "vanilla" and document["runs"][1]["seeds"]["baseline"] == "vanilla"
+    # names that do not end in their seed (numbered run folders) keep the first member's name
+    (tmp_path / "numbered").mkdir()
+    assert [r["run"] for r in as_json(*seed_runs(tmp_path / "numbered"))["runs"]] == ["00001-vanilla", "00010-knn"]
+    # a run whose folder is called like the group's stem keeps its name, and the group its first member's
+    other = make_run(tmp_path, "00009-other", KNN_CURVES[0], assigner={"name": "knn", "k": 4})
+    other = other.rename(tmp_path / "vanilla")
+    assert [r["run"] for r in as_json(*study_named, other)["runs"]] == ["vanilla-s0", "knn8", "vanilla"]
