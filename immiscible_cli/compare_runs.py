@@ -185,7 +185,7 @@ def _group_name(seeds: list[Entry]) -> str:
     stems = set()
     for entry in seeds:
         seed = entry.seeds[0].seed
-        match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?{seed}", entry.name) if isinstance(seed, int) else None
+        match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?(?<!\d){seed}", entry.name) if isinstance(seed, int) else None
         stems.add(match.group(1) if match else None)
     stem = stems.pop() if len(stems) == 1 else None
     return stem if stem else seeds[0].name
@@ -215,8 +215,9 @@ def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Consol
         single = _single(run, name, rows[name], chosen[name])
         groups.setdefault(experiment_key(single.config), []).append(single)
     entries = [_merge(seeds) for seeds in groups.values()]
-    for entry in entries:  # a group named like another run (a folder called `vanilla`) keeps its first member's name
-        if entry.name not in entry.members and entry.name in names:
+    taken = Counter(e.name for e in entries) + Counter(names)
+    for entry in entries:  # a group named like a run (a folder `vanilla`) or another group keeps its first member's
+        if entry.name not in entry.members and taken[entry.name] > 1:  # name, which no other entry has
             entry.name = entry.members[0]
     return entries
 

@@ -198,3 +198,18 @@ def test_a_seed_group_is_named_by_what_its_members_share_without_their_seed(tmp_
     other = make_run(tmp_path, "00009-other", KNN_CURVES[0], assigner={"name": "knn", "k": 4})
     other = other.rename(tmp_path / "vanilla")
     assert [r["run"] for r in as_json(*study_named, other)["runs"]] == ["vanilla-s0", "knn8", "vanilla"]
+    # two groups that would share a name keep their first members' names, and so do names that differ, or that
+    # end in a longer number than the seed (exp10 is not exp1 + seed 0)
+    (tmp_path / "b").mkdir()
+    again = [make_run(tmp_path / "b", f"0000{s}-x", VANILLA[s], seed=s, assigner={"name": "knn", "k": 2})
+             for s in (0, 1)]
+    again = [p.rename(p.parent / f"vanilla_s{s}") for s, p in zip((0, 1), again)]
+    named = [r["run"] for r in as_json(*study_named[:2], *again)["runs"]]
+    assert named == ["vanilla-s0", "vanilla_s0"]
+    (tmp_path / "c").mkdir()
+    odd = [make_run(tmp_path / "c", f"0000{s}-x", VANILLA[s], seed=s, assigner={"name": "knn", "k": 2})
+           for s in (0, 1)]
+    odd = [p.rename(p.parent / name) for p, name in zip(odd, ("exp10", "exp11"))]
+    assert [r["run"] for r in as_json(*study_named[:2], *odd)["runs"]] == ["vanilla", "exp10"]
+    mixed = [odd[0].rename(odd[0].parent / "alpha-s0"), odd[1].rename(odd[1].parent / "beta-s1")]
+    assert [r["run"] for r in as_json(*study_named[:2], *mixed)["runs"]] == ["vanilla", "alpha-s0"]
