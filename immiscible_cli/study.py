@@ -197,13 +197,12 @@ def _log(out: Path, message: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
 
 
-def write_report(study: Study, out: Path) -> Path:
-    """comparison.txt / .json, curves.png and report.md from the study's run directories."""
+def comparison(study: Study, out: Path, plot: Path | None = None) -> tuple[str, str]:
+    """The `compare` table of the study's runs that have FID points (with compare's warnings after it) and its JSON
+    document; `plot` also draws the curves. What `write_report` writes, and what a reader can recompute."""
     from . import compare
 
-    out.mkdir(parents=True, exist_ok=True)
-    rows = status(study, out)
-    scored = [r for r in rows if r["fid_points"] > 0]  # compare the runs as they are: those with FID points
+    scored = [r for r in status(study, out) if r["fid_points"] > 0]  # compare the runs as they are
     paths = [Path(r["path"]) for r in scored]
     baselines = [p for r, p in zip(scored, paths) if r["run"] == study.baseline]
     baseline = baselines[0] if baselines else None
@@ -211,14 +210,21 @@ def write_report(study: Study, out: Path) -> Path:
     try:
         if baseline is None or len(paths) < 2:
             raise UserError(f"the baseline {study.baseline} and at least one other run need FID points first")
-        text = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline,
-                                                plot=out / "curves.png", fmt="table", strict=True, out=c,
-                                                err=warnings))
-        document = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline, plot=None,
+        text = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline, plot=None,
+                                                fmt="table", strict=True, out=c, err=warnings))
+        # the plot is drawn here, where its `plot: PATH` note goes to a console thrown away: the table holds no path
+        document = _captured(lambda c: compare.main(paths, target=study.target, baseline=baseline, plot=plot,
                                                     fmt="json", strict=True, out=c, err=_console()))
     except UserError as e:  # e.g. runs without FID points yet: the report says so instead of a table
         text, document = f"no comparison: {e}\n", json.dumps({"error": str(e)}) + "\n"
-    text += warnings.file.getvalue()
+    return text + warnings.file.getvalue(), document
+
+
+def write_report(study: Study, out: Path) -> Path:
+    """comparison.txt / .json, curves.png and report.md from the study's run directories."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = status(study, out)
+    text, document = comparison(study, out, plot=out / "curves.png")
     write_atomic(out / "comparison.txt", text.encode())
     write_atomic(out / "comparison.json", document.encode())
     lines = [f"# Study {study.name}", "", f"Runs: {len(rows)} ({', '.join(study.runs)}); seeds "
