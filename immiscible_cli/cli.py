@@ -273,6 +273,8 @@ def eval_(
     "immiscible compare runs/a runs/b runs/c --baseline runs/a --target 30 --plot curves.png",
     "machine-readable",
     "immiscible compare runs/* --json > speedups.json",
+    "the curves rescored with a smaller start noise (immiscible eval RUN --fid --set sample.start_std=0.98)",
+    "immiscible compare runs/a runs/b --where sampling.start_std=0.98",
 ))
 @reports_user_errors
 def compare(
@@ -285,6 +287,9 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse runs whose FID settings differ.")] = False,
+    where: Annotated[Optional[list[str]], typer.Option(
+        "--where", metavar="FIELD=VALUE", help="Only FID points scored with this setting, as fid.jsonl names it "
+        "(e.g. sampling.start_std=0.98, num_images=10000); repeatable.")] = None,
 ) -> None:
     """Compare FID curves: best and final FID, FID at shared kimg, kimg to a target FID and the speed-up."""
     from . import compare as compare_mod
@@ -292,7 +297,7 @@ def compare(
     if as_json and as_csv:
         fail("choose one of --json and --csv")
     compare_mod.main(runs_, target=target, baseline=baseline, plot=plot, fmt="json" if as_json else
-                     "csv" if as_csv else "table", strict=strict, out=out, err=err)
+                     "csv" if as_csv else "table", strict=strict, out=out, err=err, where=where or [])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from rich.console import Console
 
@@ -98,14 +98,15 @@ def _check_options(target: float | None, plot: Path | None) -> None:
         check_writable(plot, "file", "--plot")  # a folder of that name, a read-only or full disk: before any work
 
 
-def _entries(runs: list[Path], baseline: Path | None, *, strict: bool, err: Console) -> tuple[list[Entry], Entry]:
+def _entries(runs: list[Path], baseline: Path | None, *, strict: bool, err: Console,
+             where: Sequence[str] = ()) -> tuple[list[Entry], Entry]:
     """The runs as entries (seed groups merged) and the baseline's entry."""
     opened, base_index = open_runs(list(runs), baseline)
     if len(opened) < 2:
         raise CompareError(f"compare needs at least two runs, got {len(opened)}; give another run to compare with")
     # the directory name, unless two runs share it (e.g. exp1/00001-x and exp2/00001-x)
     names = [r.name if sum(q.name == r.name for q in opened) == 1 else str(r.path) for r in opened]
-    entries = load_entries(opened, names, strict=strict, err=err)
+    entries = load_entries(opened, names, strict=strict, err=err, where=where)
     if len(entries) < 2:
         raise CompareError(f"runs {', '.join(entries[0].members)} differ only in their seed: nothing to compare "
                            f"them with; add a run of another config")
@@ -119,13 +120,15 @@ def _plot_lines(entries: list[Entry], rows: list[dict[str, Any]]) -> list[PlotLi
 
 
 def main(runs: list[Path], *, target: float | None, baseline: Path | None, plot: Path | None,
-         fmt: Literal["table", "json", "csv"], strict: bool, out: Console, err: Console) -> None:
+         fmt: Literal["table", "json", "csv"], strict: bool, out: Console, err: Console,
+         where: Sequence[str] = ()) -> None:
     """Compare runs' FID curves: a table, JSON or CSV on `out`, warnings on `err`, and optionally a PNG plot.
 
     The baseline defaults to the first run; the target FID to the best FID of the baseline's (mean) curve, and per
-    seed pair to the baseline seed's own best FID."""
+    seed pair to the baseline seed's own best FID. `where` keeps only the FID points scored with those settings
+    (`sampling.start_std=0.98`: the curves of an `eval --set` rescoring)."""
     _check_options(target, plot)
-    entries, base = _entries(runs, baseline, strict=strict, err=err)
+    entries, base = _entries(runs, baseline, strict=strict, err=err, where=where)
     target_fid = target if target is not None else min(base.curve.fid)
     base_cost = cost_to_reach(base.curve, target_fid)
     if base_cost[0] is None:
@@ -139,6 +142,8 @@ def main(runs: list[Path], *, target: float | None, baseline: Path | None, plot:
         write_plot(plot, _plot_lines(entries, rows), target_fid, base.name)
     document = {"baseline": base.name, "target": target_fid,
                 "target_source": "baseline best FID" if target is None else "--target", "runs": rows}
+    if where:  # only then, so a plain comparison's document is what it always was
+        document["where"] = list(where)
     if fmt == "json":
         out.file.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
     elif fmt == "csv":

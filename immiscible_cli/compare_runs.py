@@ -15,7 +15,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from rich.console import Console
@@ -74,14 +74,56 @@ def describe_differences(settings_by_run: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def _setting_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _same(have: Any, want: Any) -> bool:
+    if _number(have) and _number(want):
+        return math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=0.0)
+    return have == want
+
+
+def select_rows(rows_by_run: dict[str, list[dict[str, Any]]],
+                where: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Only the FID rows whose settings match every `--where FIELD=VALUE` (FIELD as fid.jsonl names it, dotted:
+    `sampling.start_std`, `num_images`, `reference.num_images`; VALUE read as YAML). A FIELD no row has, or a run
+    left without rows, is a CompareError saying what there is."""
+    if not where:
+        return rows_by_run
+    flat = {name: [_flatten(fid_settings(r)) for r in rows] for name, rows in rows_by_run.items()}
+    known = sorted({key for rows in flat.values() for row in rows for key in row})
+    conditions = []
+    for condition in where:
+        field_name, sep, value = condition.partition("=")
+        if not sep or field_name.strip() not in known:
+            raise CompareError(f"--where {condition}: expected FIELD=VALUE with FIELD one of the FID settings "
+                               f"({', '.join(known)})")
+        conditions.append((field_name.strip(), _setting_value(value)))
+    kept = {}
+    for name, rows in rows_by_run.items():
+        kept[name] = [row for row, settings in zip(rows, flat[name])
+                      if all(_same(settings.get(key), want) for key, want in conditions)]
+        if not kept[name]:
+            raise CompareError(f"run {name} has no FID point with {' and '.join(where)}; score it with those "
+                               f"settings (`immiscible eval RUN --fid --set ...`) or drop it")
+    return kept
+
+
 def choose_fid_rows(rows_by_run: dict[str, list[dict[str, Any]]], *, strict: bool,
                     err: Console) -> dict[str, list[dict[str, Any]]]:
-    """Keep one FID settings combination per run: the one all runs share (the one with most points if several are),
-    else each run's most common one, with a warning naming what differs (a CompareError when strict)."""
+    """Keep one FID settings combination per run: the one all runs share (the one with most points if several are,
+    the one written first on a tie), else each run's most common one, with a warning naming what differs (a
+    CompareError when strict)."""
     counts = {name: Counter(_settings_key(r) for r in rows) for name, rows in rows_by_run.items()}
     shared = set.intersection(*(set(c) for c in counts.values()))
-    if shared:
-        best = max(sorted(shared), key=lambda key: sum(c[key] for c in counts.values()))
+    if shared:  # most points; on a tie the combination written first (a run's own, before any `eval --set` rows)
+        first = {key: min(i for rows in rows_by_run.values() for i, r in enumerate(rows) if _settings_key(r) == key)
+                 for key in shared}
+        best = max(sorted(shared), key=lambda key: (sum(c[key] for c in counts.values()), -first[key]))
         chosen = dict.fromkeys(counts, best)
     else:
         chosen = {name: c.most_common(1)[0][0] for name, c in counts.items()}
@@ -202,13 +244,16 @@ def _merge(seeds: list[Entry]) -> Entry:
                  [m for s in seeds for m in s.seeds])
 
 
-def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Console) -> list[Entry]:
-    """Read every run's comparable FID curve and merge seeds of one experiment into one entry (in given order)."""
+def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Console,
+                 where: Sequence[str] = ()) -> list[Entry]:
+    """Read every run's comparable FID curve (only rows matching `where`) and merge seeds of one experiment into one
+    entry (in given order)."""
     rows = {name: fid_rows(run) for name, run in zip(names, runs)}
     for name, run in zip(names, runs):
         if not rows[name]:
             raise CompareError(f"run {run.path} has no FID points in fid.jsonl; score it with "
                                f"`immiscible eval {run.path} --fid`")
+    rows = select_rows(rows, where)
     chosen = choose_fid_rows(rows, strict=strict, err=err)
     groups: dict[str, list[Entry]] = {}
     for name, run in zip(names, runs):

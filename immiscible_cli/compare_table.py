@@ -143,6 +143,8 @@ def _mean_notes(document: dict[str, Any]) -> list[str]:
     if any(row["n_seeds"] > 1 for row in rows):
         notes.append("n > 1: runs that differ only in their seed; mean ± std over seeds, speed-up from the mean "
                      "curve")
+    if document.get("where"):
+        notes.append(f"only the FID points scored with {', '.join(document['where'])} (--where)")
     return notes
 
 

@@ -187,6 +187,40 @@ def test_a_shared_settings_combination_is_used_and_others_ignored(tmp_path: Path
     assert json.loads(result.stdout)["runs"][0]["best_fid"] == 7.0  # the 50k row is another curve
 
 
+OWN = {**SETTINGS, "sampling": {"eta": 0.0}}  # rows written before `start_std` was recorded: it was 1
+
+
+def _rescored(points: list[tuple[float, float]], start_std: float) -> list[dict]:
+    """fid.jsonl rows of an `eval --set sample.start_std=S` rescoring of the same checkpoints."""
+    sampling = {"eta": 0.0, "start_std": start_std}
+    return [{"kimg": k, "step": 0, "fid": fid, **SETTINGS, "sampling": sampling, "seconds": 1.0, "train_s": k * 10.0,
+             "time": "t"} for k, fid in points]
+
+
+def test_where_compares_the_curves_scored_with_a_setting(tmp_path: Path) -> None:
+    # the runs' own curves: knn never reaches vanilla's best (7); rescored with a smaller start, it gets there first
+    base = make_run(tmp_path, "00001-vanilla", [(10, 20.0), (30, 12.0), (50, 7.0)], settings=OWN,
+                    extra_rows=_rescored([(10, 18.0), (30, 10.0), (50, 6.0)], 0.98))
+    knn = make_run(tmp_path, "00002-knn", [(10, 30.0), (30, 25.0), (50, 20.0)], assigner={"name": "knn", "k": 8},
+                   settings=OWN, extra_rows=_rescored([(10, 12.0), (30, 6.0), (50, 5.0)], 0.98) + _rescored(
+                       [(50, 9.0)], 0.95))
+    plain = as_json(base, knn)  # as many rescored points as own ones: the runs' own curves (written first) win
+    assert plain["target"] == 7.0 and plain["runs"][1]["speedup"] is None and "where" not in plain
+    cooler = as_json(base, knn, "--where", "sampling.start_std=0.98")
+    assert cooler["target"] == 6.0 and cooler["where"] == ["sampling.start_std=0.98"]
+    # knn reaches 6 at kimg 30, vanilla at 50: 50 / 30
+    assert cooler["runs"][1]["speedup"] == pytest.approx(50 / 30)
+    assert as_json(base, knn, "--where", "sampling.start_std=1")["runs"][1]["speedup"] is None  # an old row's default
+    table = invoke(base, knn, "--where", "sampling.start_std=0.98", "--where", "num_images=10000")
+    assert table.exit_code == 0 and "only the FID points scored with sampling.start_std=0.98, num_images=10000" in (
+        table.stdout.replace("\n", " "))
+    for args, message in {("--where", "start_std=0.98"): "FIELD one of the FID settings",
+                          ("--where", "sampling.start_std"): "expected FIELD=VALUE",
+                          ("--where", "sampling.start_std=0.95"): "run 00001-vanilla has no FID point with"}.items():
+        result = invoke(base, knn, *args)
+        assert result.exit_code == 2 and message in result.stderr and result.stdout == "", (args, result.output)
+
+
 def test_settings_mismatch_warns_and_strict_refuses(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, _ = pair
     other = make_run(tmp_path, "00003-heun", [(10, 14.0), (30, 6.0)], assigner={"name": "knn", "k": 4},
