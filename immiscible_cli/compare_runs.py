@@ -99,10 +99,11 @@ def select_rows(rows_by_run: dict[str, list[dict[str, Any]]],
     conditions = []
     for condition in where:
         field_name, sep, value = condition.partition("=")
-        if not sep or field_name.strip() not in known:
+        field_name = field_name.strip()
+        if not sep or field_name not in known:
             raise CompareError(f"--where {condition}: expected FIELD=VALUE with FIELD one of the FID settings "
                                f"({', '.join(known)})")
-        conditions.append((field_name.strip(), _setting_value(value)))
+        conditions.append((field_name, _setting_value(value)))
     kept = {}
     for name, rows in rows_by_run.items():
         kept[name] = [row for row, settings in zip(rows, flat[name])
@@ -121,8 +122,11 @@ def choose_fid_rows(rows_by_run: dict[str, list[dict[str, Any]]], *, strict: boo
     counts = {name: Counter(_settings_key(r) for r in rows) for name, rows in rows_by_run.items()}
     shared = set.intersection(*(set(c) for c in counts.values()))
     if shared:  # most points; on a tie the combination written first (a run's own, before any `eval --set` rows)
-        first = {key: min(i for rows in rows_by_run.values() for i, r in enumerate(rows) if _settings_key(r) == key)
-                 for key in shared}
+        first: dict[str, int] = {}
+        for rows in rows_by_run.values():
+            for i, row in enumerate(rows):
+                key = _settings_key(row)
+                first[key] = min(first.get(key, i), i)
         best = max(sorted(shared), key=lambda key: (sum(c[key] for c in counts.values()), -first[key]))
         chosen = dict.fromkeys(counts, best)
     else:

@@ -190,10 +190,16 @@ def sampling_config(run: Run, overrides: Sequence[str] = ()) -> Config:
     if not overrides:
         return cfg
     changed = with_overrides(cfg, list(overrides), SAMPLING_OVERRIDES, "when sampling a trained run")
-    if cfg.model.num_classes is None and changed.sample.guidance != cfg.sample.guidance:
-        raise UserError(f"--set sample.guidance={changed.sample.guidance:g}: this run is unconditional "
-                        f"(model.num_classes is not set), so guidance would change nothing; drop it")
+    if changed.sample.guidance != cfg.sample.guidance:
+        _check_guidance_applies(cfg, changed.sample.guidance, "--set sample.guidance=")
     return changed
+
+
+def _check_guidance_applies(cfg: Config, weight: float, option: str) -> None:
+    """A guidance weight other than the run's own (`--guidance`, `--set sample.guidance`) needs a conditional run."""
+    if cfg.model.num_classes is None:
+        raise UserError(f"{option}{weight:g}: this run is unconditional (model.num_classes is not set), so guidance "
+                        f"would change nothing; drop it")
 
 
 def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: str | None, steps: int | None,
@@ -204,9 +210,8 @@ def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: s
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: expected a finite weight >= 0 (1 = no guidance)")
     cfg = sampling_config(run, overrides)  # a bad --set fails before the network is read
-    if guidance is not None and guidance != 1 and cfg.model.num_classes is None:
-        raise UserError(f"--guidance {guidance:g}: this run is unconditional (model.num_classes is not set), so "
-                        f"guidance would change nothing; drop it")
+    if guidance is not None and guidance != 1:
+        _check_guidance_applies(cfg, guidance, "--guidance ")
     torch_device = pick_device(device)
     net, _, _, _ = load_network(run, ckpt, ema, torch_device)
     sampler = sampler or cfg.sample.sampler
