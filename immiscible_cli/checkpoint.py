@@ -14,6 +14,11 @@ resumes on a CPU and the reverse, and on a machine with fewer GPUs. Weights and 
 new device; random streams are restored exactly on the same device type and reseeded (deterministically, from the
 run seed and the step) on another, with a note for log.txt.
 
+A kept network (train.keep_network) is RUN/network-<kimg>kimg.pt, written at the end of training: the same dict
+without `net`, `optimizer`, `rng` and `data` (format immiscible-network-v1: the EMA weights, the config, the noise
+moments). `weights` lists it beside the snapshots, so `eval` and `sample` use it like one (studies commit it, not
+their snapshots); resume never does.
+
 Before a snapshot is used it is checked against the run (`Expected`): the format tag, every key above, the tensor
 names and shapes of both networks against the network config.yaml builds, and the stored config against config.yaml
 (fields a resumed run may change, config.RESUMABLE_OVERRIDES, excepted). One that does not fit is skipped by
@@ -38,6 +43,9 @@ from .runs import Run, kimg_tag
 
 FORMAT = "immiscible-snapshot-v1"
 REQUIRED = ("kimg", "nimg", "step", "train_s", "config", "config_digest", "net", "ema", "optimizer", "rng", "data")
+NETWORK_FORMAT = "immiscible-network-v1"
+NETWORK_REQUIRED = ("kimg", "nimg", "step", "train_s", "config", "config_digest", "ema")
+_NETWORK = re.compile(r"^network-(\d+\.\d{3})kimg\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
 _LEFTOVER = re.compile(r"^\.snapshot-\d+\.\d{3}kimg\.pt\.tmp-\d+$")  # files.write_atomic's temporary name
 
@@ -62,6 +70,35 @@ def list_checkpoints(run: Run) -> list[Checkpoint]:
         if m:
             found.append(Checkpoint(float(m.group(1)), p))
     return sorted(found, key=lambda c: c.kimg)
+
+
+def kept_network(run: Run) -> Checkpoint | None:
+    """The run's kept network (RUN/network-<kimg>kimg.pt), or None."""
+    found = [Checkpoint(float(m.group(1)), p) for p in run.path.glob("network-*kimg.pt")
+             if (m := _NETWORK.match(p.name)) and p.is_file()]
+    return max(found, key=lambda c: c.kimg) if found else None
+
+
+def weights(run: Run) -> list[Checkpoint]:
+    """Everything `eval` and `sample` can load, oldest first: the snapshots and the kept network (where no snapshot
+    has its kimg)."""
+    found = list_checkpoints(run)
+    kept = kept_network(run)
+    if kept is not None and not any(abs(c.kimg - kept.kimg) < 5e-4 for c in found):
+        found = sorted([*found, kept], key=lambda c: c.kimg)
+    return found
+
+
+def save_network(run: Run, state: dict[str, Any]) -> Path:
+    """Write the kept network (atomically) and remove an older one (a run trained further keeps its last)."""
+    path = run.path / f"network-{kimg_tag(float(state['kimg']))}.pt"
+    buffer = io.BytesIO()
+    torch.save({"format": NETWORK_FORMAT, **state}, buffer)
+    write_atomic(path, buffer.getvalue())
+    for old in run.path.glob("network-*kimg.pt"):
+        if old != path and _NETWORK.match(old.name):
+            old.unlink(missing_ok=True)
+    return path
 
 
 class CheckpointError(UserError):
@@ -93,7 +130,8 @@ def mismatches(state: dict[str, Any], expected: Expected) -> list[str]:
 
     Config fields are compared where both sides have them (a field added to the schema later has its default in
     config.yaml and none in an older snapshot); resumable fields may differ."""
-    missing = [key for key in REQUIRED if key not in state]
+    network = state.get("format") == NETWORK_FORMAT
+    missing = [key for key in (NETWORK_REQUIRED if network else REQUIRED) if key not in state]
     if missing:
         return [f"keys missing: {', '.join(missing)}"]
     found = [] if isinstance(state["config"], dict) else ["its config is not a mapping"]
@@ -102,7 +140,7 @@ def mismatches(state: dict[str, Any], expected: Expected) -> list[str]:
         for key in sorted(stored.keys() & current.keys()):
             if stored[key] != current[key] and not resumable(key.rstrip(".")) and key.rstrip(".") not in PORTABLE:
                 found.append(f"{key.rstrip('.')}: {stored[key]!r} in the snapshot, {current[key]!r} in config.yaml")
-    for part in ("net", "ema"):
+    for part in ("ema",) if network else ("net", "ema"):
         tensors = state[part] if isinstance(state[part], dict) else {}
         absent = [name for name in expected.shapes if name not in tensors]
         extra = [name for name in tensors if name not in expected.shapes]
@@ -133,7 +171,7 @@ def load(path: Path, map_location: str | torch.device = "cpu", expected: Expecte
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         reason = " ".join(str(e).split())[:120]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, NETWORK_FORMAT):
         raise CheckpointError(f"{path}: not an immiscible snapshot")
     problems = mismatches(state, expected) if expected is not None else []
     if problems:
@@ -145,7 +183,7 @@ def load(path: Path, map_location: str | torch.device = "cpu", expected: Expecte
 def usable(run: Run, expected: Expected, exclude: Path | None = None) -> list[Checkpoint]:
     """The run's snapshots that load and fit `expected`, oldest first (each is read: meant for error messages)."""
     found = []
-    for ckpt in list_checkpoints(run):
+    for ckpt in weights(run):
         if ckpt.path != exclude:
             try:
                 load(ckpt.path, "cpu", expected)
@@ -204,7 +242,7 @@ def parse_spec(spec: str) -> float | None:
 def select(run: Run, spec: str) -> Checkpoint:
     """`latest` or a kimg (the snapshot nearest to it, within 0.5 kimg) -> a checkpoint of the run."""
     kimg = parse_spec(spec)  # a bad spec is reported before anything about the run
-    available = list_checkpoints(run)
+    available = weights(run)
     if not available:
         raise CheckpointError(f"{run.path}: no checkpoints yet (train it first, or wait for its first snapshot)")
     if kimg is None:

@@ -141,7 +141,8 @@ def choose_fid_rows(rows_by_run: dict[str, list[dict[str, Any]]], *, strict: boo
 
 
 # Fields that do not change what a run learns: runs differing only here (and in seed) are seeds of one experiment.
-_NOT_THE_EXPERIMENT = ("name", "seed", "data.root", "train.keep_last", "train.keep_every_kimg", "train.loggers")
+_NOT_THE_EXPERIMENT = ("name", "seed", "data.root", "train.keep_last", "train.keep_every_kimg", "train.loggers",
+                       "train.keep_network")
 
 
 def experiment_key(config: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import lzma
 import pickle
 from dataclasses import dataclass
@@ -295,6 +296,33 @@ def fit_resolution(images: torch.Tensor, resolution: int, fit: str) -> torch.Ten
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.to(torch.float32) / 127.5 - 1.0
+
+
+MEAN_IMAGE_CAP = 50_000
+"""Images behind `mean_image` at most: larger sets use a seeded sample of this many (the same on every rank)."""
+
+
+def mean_image(data: ImageSet, hflip: bool, cap: int = MEAN_IMAGE_CAP) -> torch.Tensor:
+    """The training distribution's mean image [C, H, W] in model space, float32 on the CPU: the mean of the images
+    in [-1, 1] (of a seeded sample of `cap` of them for larger sets), averaged with its mirror image when training
+    flips (random flips make the distribution mirror-symmetric). Accumulated in float64, in a fixed order, so every
+    process and every run on the same data gets the same bits."""
+    images = data.images
+    if len(images) > cap:
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:cap].sort().values
+        images = images[chosen]
+    total = torch.zeros(images.shape[1:], dtype=torch.float64)
+    for start in range(0, len(images), 4096):
+        total += images[start:start + 4096].to(torch.float64).sum(dim=0)
+    mean = total / (127.5 * len(images)) - 1.0
+    if hflip:
+        mean = (mean + mean.flip(-1)) / 2
+    return mean.to(torch.float32)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 (first 16 hex digits) of a tensor's bytes on the CPU: names a mean image in meta.json and logs."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def to_uint8(samples: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .sampling import sampling_config
 
 def select_checkpoints(run: runs.Run, specs: list[str]) -> list[checkpoint.Checkpoint]:
     if "all" in specs:
-        return checkpoint.list_checkpoints(run)
+        return checkpoint.weights(run)
     chosen = {c.path: c for c in (checkpoint.select(run, spec) for spec in specs)}  # a checkpoint named twice once
     return sorted(chosen.values(), key=lambda c: c.kimg)
 

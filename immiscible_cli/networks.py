@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, start_noise
 from .config import Config
 from .errors import UserError
 from .models.unet import UNet
@@ -51,6 +51,10 @@ def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bo
         hint = (f"usable checkpoints of this run: {', '.join(f'{c.kimg:g}' for c in others)} (pass one as "
                 f"--ckpt KIMG)" if others else "no other checkpoint of this run fits config.yaml")
         raise checkpoint.CheckpointError(f"{e}; {hint}") from None
+    if not ema and "net" not in state:
+        raise checkpoint.CheckpointError(f"{chosen.path}: a kept network holds the EMA weights only; drop --raw")
     net = build_network(cfg)
     net.load_state_dict(state["ema" if ema else "net"])
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    start_noise.attach(net, start_noise.NoiseMoments.from_state(state.get("noise_moments"), shape, device))
     return net.to(device).eval().requires_grad_(False), cfg, chosen, state

@@ -92,6 +92,11 @@ class Run:
         path = self.path / META
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def update_meta(self, **fields: Any) -> None:
+        """Add or replace top-level fields of meta.json (atomically)."""
+        meta = {**self.meta(), **fields}
+        write_atomic(self.path / META, (json.dumps(meta, indent=2) + "\n").encode())
+
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS, METRICS_ROW)
 

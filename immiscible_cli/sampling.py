@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import assigners
+from . import assigners, start_noise
 from .config import SAMPLING_OVERRIDES, Config, check_sampler, check_steps, with_overrides
 from .data import to_uint8
 from .console import Progress
@@ -90,8 +90,8 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
         chunk = list(seeds[start:start + batch])
         noise_source = CounterNoise(chunk, device) if cfg.sample.noise == "counter" else SeededNoise(chunk, device)
         noise = noise_source.randn_like(torch.empty((len(chunk), *shape), device=device))  # [b, C, H, W]
-        if cfg.sample.start_std != 1.0:  # x_T ~ N(0, start_std^2 I); the sampler's own draws stay N(0, I)
-            noise = noise * cfg.sample.start_std
+        # x_T: N(0, start_std^2 I), or fitted to the training noise (start_noise.py); the sampler's own draws stay N(0, I)
+        noise = start_noise.start(noise, cfg.sample.start, cfg.sample.start_std, start_noise.attached(net))
         chunk_labels = None
         if conditional:
             chunk_labels = torch.tensor([labels[start + i] if labels is not None else s % cfg.model.num_classes

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 
 from . import runs
-from .config import RESUMABLE_OVERRIDES, Config, ConfigError, changed_fields, load_config, read_yaml, resumable
+from .config import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, Config, ConfigError, changed_fields, load_config,
+                     read_yaml, resumable, with_overrides)
 from .errors import UserError
 from .files import read_jsonl, write_atomic
 
@@ -39,6 +40,11 @@ class StudyRun(BaseModel):
     """`section.field=value` overrides, applied after the study's own `set`."""
     seeds: list[int] | None = Field(None, min_length=1)
     """Seeds of this run; None = the study's `seeds`."""
+    rescore: list[list[str]] = Field(default_factory=list)
+    """Extra FID points of the finished run's last weights, one per list of sampling `--set` overrides (as
+    `immiscible eval RUN --fid --ckpt latest --set ...`), e.g. [[sample.start=matched]]; their rows sit in the run's
+    fid.jsonl beside its curve. A member without weights (snapshots and kept network gone) is skipped, with a line
+    in study.log."""
 
 
 class Study(BaseModel):
@@ -91,7 +97,12 @@ def load_study(path: Path) -> Study:
                  f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
     for name, seed in study.members():  # every run's config validates before anything runs
-        study.config(name, seed)
+        cfg = study.config(name, seed)
+        for overrides in study.runs[name].rescore:
+            try:
+                with_overrides(cfg, overrides, SAMPLING_OVERRIDES, "--set")
+            except ConfigError as e:
+                raise ConfigError(f"{path}: runs.{name}.rescore: {e}") from None
     return study
 
 
@@ -149,12 +160,8 @@ def estimate_seconds(rows: list[dict[str, Any]]) -> float | None:
 
 
 def run_study(study: Study, source: Path, out: Path, *, console: Console, inception: Path | None = None) -> Path:
-    """Train every unfinished member, then write the comparison; returns the report's path."""
-    from . import trainer
-    from .console import Bars
-    from .metrics.scorer import training_scorer
-    from .networks import pick_device
-
+    """Train every unfinished member and add its rescore points, then write the comparison; returns the report's
+    path."""
     from .assigners import check_available
 
     rows = status(study, out)
@@ -164,18 +171,49 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "study.yaml", Path(source).read_bytes())
     for row, extend in zip(rows, extended):
-        if row["done"]:
-            continue
-        cfg = study.config(row["run"], row["seed"])
-        began = time.time()
-        _log(out, f"start {row['run']} seed {row['seed']} at {row['kimg']:g} of {row['total_kimg']:g} kimg")
-        with Bars(console) as bars:
-            scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
-        trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
-                      resume=extend, argv=["immiscible", "study", str(source)],
-                      console=console)
-        _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
+        if not row["done"]:
+            _train(study, row, extend, source, out, console, inception)
+        _rescore(study, row, out, console, inception)
     return write_report(study, out)
+
+
+def _train(study: Study, row: dict[str, Any], extend: bool, source: Path, out: Path, console: Console,
+           inception: Path | None) -> None:
+    """Train (or continue) one member, with its FID points, logging start and end in study.log."""
+    from . import trainer
+    from .console import Bars
+    from .metrics.scorer import training_scorer
+    from .networks import pick_device
+
+    cfg = study.config(row["run"], row["seed"])
+    began = time.time()
+    _log(out, f"start {row['run']} seed {row['seed']} at {row['kimg']:g} of {row['total_kimg']:g} kimg")
+    with Bars(console) as bars:
+        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
+    trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
+                  resume=extend, argv=["immiscible", "study", str(source)], console=console)
+    _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
+
+
+def _rescore(study: Study, row: dict[str, Any], out: Path, console: Console, inception: Path | None) -> None:
+    """The run's `rescore` points (evaluate skips those already in fid.jsonl, so a rerun costs nothing)."""
+    from . import checkpoint
+    from .evaluate import evaluate_runs
+
+    run = runs.open_run(Path(row["path"]))
+    device = study.config(row["run"], row["seed"]).train.device
+    for overrides in study.runs[row["run"]].rescore:
+        if not checkpoint.weights(run):
+            _log(out, f"rescore {row['run']} seed {row['seed']} with {' '.join(overrides)}: skipped, no weights kept")
+            continue
+        began = time.time()
+        results = evaluate_runs([run], ckpts=["latest"], num_images=None, steps=None, sampler=None, reference=None,
+                                mode=None, batch=None, kid=False, inception=inception, device=device,
+                                console=console, overrides=overrides)
+        last = results[0]["curve"][-1] if results[0]["curve"] else None
+        if last is not None and time.time() - began > 1:
+            _log(out, f"rescored {row['run']} seed {row['seed']} with {' '.join(overrides)}: FID {last['fid']:.2f} "
+                      f"at {last['kimg']:g} kimg in {time.time() - began:.0f} s")
 
 
 def _extended(cfg: Config, path: Path) -> bool:

@@ -28,11 +28,11 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import assigners, checkpoint, distributed, loggers, runs, train_batches, train_ranks
+from . import assigners, checkpoint, distributed, loggers, runs, start_noise, train_batches, train_ranks
 from .assigners import shard
 from .assigners.meter import PairingMeter
 from .config import Config
-from .data import BatchStream, ImageSet, check_classes, fits_on_gpu, load_images
+from .data import BatchStream, ImageSet, check_classes, fits_on_gpu, load_images, mean_image, tensor_digest
 from .errors import EXIT_NON_FINITE, UserError, lowers_on_oom
 from .images import grid_image, save_png
 from .networks import build_network, expected_snapshot, pick_device
@@ -116,8 +116,11 @@ class TrainingLoop:
         resident = cfg.data.gpu_resident and fits_on_gpu(data, device)
         self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident,
                                   self.shard.rows if self.shard else None)
-        self.meter = PairingMeter(device, functools.partial(shard.pair, shard=self.shard) if self.shard
-                                  else assigners.pair)
+        self.center = self.data_mean(data)  # the data mean KNN's `centred` score needs; None for other rules
+        pair_fn = functools.partial(shard.pair, shard=self.shard) if self.shard else assigners.pair
+        self.meter = PairingMeter(device, functools.partial(pair_fn, center=self.center))
+        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        self.moments = start_noise.NoiseMoments.zeros(shape, device)  # this process's share since the start
         self.batches = PairedBatches(self.stream, self.meter, cfg.assigner, self.generators, device,
                                      ahead=train_batches.ahead_of_step(cfg, self.world))
         self.params = [p for p in self.net.parameters()]
@@ -129,6 +132,31 @@ class TrainingLoop:
         self.saved_world = self.world  # processes that wrote the snapshot resumed from
         self.loss_sum = torch.zeros((), device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def data_mean(self, data: ImageSet) -> torch.Tensor | None:
+        """The training set's mean image in the scaled model space, on the device, when the rule scores against it
+        (assigners.needs_center); its digest goes to log.txt and meta.json. The same bits on every rank."""
+        if not assigners.needs_center(self.cfg.assigner):
+            return None
+        mean = mean_image(data, self.cfg.data.hflip) * self.cfg.assigner.image_scale  # [C, H, W]
+        digest = tensor_digest(mean)
+        self.notes.append(f"data mean for knn_score=centred: {len(data)} images, sha256 {digest}")
+        distributed.on_main(lambda: self.run.update_meta(data_mean_sha256=digest))
+        return mean.to(self.device)
+
+    def global_moments(self) -> start_noise.NoiseMoments:
+        """The training noise's moments over every process (a collective with several)."""
+        if self.world == 1:
+            return self.moments
+        total = distributed.all_reduce(self.moments.total.clone())
+        sqtotal = distributed.all_reduce(self.moments.sqtotal.clone())
+        count = distributed.all_reduce(torch.tensor(self.moments.count, dtype=torch.float64, device=self.device))
+        return start_noise.NoiseMoments(total, sqtotal, round(float(count)))
+
+    def share_moments(self) -> None:
+        """Let the EMA network carry the noise moments so far, for the grids and FID points that follow (a
+        collective with several processes: every rank calls it)."""
+        start_noise.attach(self.ema, self.global_moments())
 
     def dropout_seed(self, resumed_at: int | None = None) -> int:
         """Rank 0: the run's dropout stream (one process's); rank r: its own, from (seed, r); reseeded at a step
@@ -163,6 +191,7 @@ class TrainingLoop:
         cfg, g = self.cfg, self.generators
         rows = self.shard.rows if self.shard else slice(None)  # several processes: draw all B, keep my b rows
         x0, labels, noise = self.batches.next()  # [b, C, H, W], [b], [b, C, H, W]: paired before t is drawn
+        self.moments.add(noise)
         t = self.objective.sample_t(self.batch, g["timesteps"], self.device)[rows]  # [b]
         if cfg.model.num_classes is None:
             labels = None
@@ -230,7 +259,7 @@ class TrainingLoop:
             "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(),
             "net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng,
-            "data": data, "world_size": self.world,
+            "data": data, "world_size": self.world, "noise_moments": self.global_moments().state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -246,6 +275,7 @@ class TrainingLoop:
                                              f"0.1); finish the run with 0.1 or start it again")
         self.stream.load_state_dict(state["data"])
         self.step, self.nimg, self.train_s = int(state["step"]), int(state["nimg"]), float(state["train_s"])
+        self.restore_moments(state.get("noise_moments"))
         self.notes += checkpoint.restore_random_streams(
             rng, self.generators, self.device,
             reseed=lambda name: stream_seed(self.cfg.seed, f"{name}:step{self.step}"))
@@ -255,6 +285,24 @@ class TrainingLoop:
             torch.manual_seed(self.dropout_seed(self.step))
             self.saved_world = int(state.get("world_size", 1))
         self.tick_step = self.step
+
+    def restore_moments(self, saved) -> None:
+        """The noise moments of a snapshot: rank 0 holds the global sums, the others start from zero (their sum
+        is what state_dict reduces). A snapshot without them (older versions) restarts them, with a note."""
+        moments = start_noise.NoiseMoments.from_state(saved, tuple(self.moments.total.shape), self.device)
+        if moments is None:
+            self.notes.append("this snapshot holds no noise moments: they count from here (sample.start=matched "
+                              "then fits the noise since this resume)")
+        elif distributed.is_main():
+            self.moments = moments
+
+    def keep_network(self) -> None:
+        """RUN/network.pt: the final EMA weights and noise moments (train.keep_network; a collective)."""
+        moments = self.global_moments().state()
+        distributed.on_main(lambda: checkpoint.save_network(self.run, {
+            "kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, "train_s": self.train_s,
+            "config": self.cfg.to_dict(), "config_digest": self.cfg.digest(), "ema": self.ema.state_dict(),
+            "noise_moments": moments}))
 
     def snapshot(self, grid: bool = True) -> Path:
         """Write a checkpoint and, unless `grid` is False (the FID point that follows draws it: fid_point), its
@@ -301,6 +349,7 @@ class TrainingLoop:
         # A snapshot whose grid was to come from its FID point lost it if the process died while scoring
         grid_lost = self.nimg > 0 and not self.run.grid_path(self.nimg / 1000).exists()
         grid_with_point = owed and grid_lost and self.grid_from_fid()
+        self.share_moments()
         if owed:
             self.fid_point(reporter, grid=grid_with_point)
         if grid_lost and not grid_with_point:  # the point is not owed, or no longer shares the grid
@@ -319,6 +368,8 @@ class TrainingLoop:
             self.train_s += elapsed
             self.check_finite()
             self.log_tick(reporter, (self.nimg - tick_nimg) / max(elapsed, 1e-9), self.step - self.tick_step)
+            if snapshot or fid:
+                self.share_moments()
             grid_from_fid = fid and self.grid_from_fid()  # the point's first images are the grid: sample once
             if snapshot:
                 reporter.note(f"snapshot {self.snapshot(grid=not grid_from_fid).name}")
@@ -327,6 +378,8 @@ class TrainingLoop:
             if fid:
                 self.fid_point(reporter, grid=snapshot and grid_from_fid)
             tick_start, tick_nimg = time.perf_counter(), self.nimg
+        if t.keep_network:  # also when a resume finds the training done: the last run may have died before it
+            self.keep_network()
 
     def grid_from_fid(self) -> bool:
         """Whether an FID point at a snapshot draws its grid (the same images: FIDScorer.shares_grid)."""

@@ -1,12 +1,14 @@
 """Noise assigners: one pairing rule per file (vanilla.py, linear.py, knn.py), a registry keyed by `assigner.name`.
 
-Every rule has the same signature, `pair(x0, cfg, generator, stats=None) -> (x0_paired, noise)`:
+Every rule has the same signature, `pair(x0, cfg, generator, stats=None, center=None) -> (x0_paired, noise)`:
 - `x0` is a clean batch [B, C, H, W] in model space (pixels in [-1, 1], or latents); both results keep its shape,
   device and dtype. `x0_paired = x0 * image_scale` (x0 itself when the scale is 1): image scaling comes first, and
   the pairing works on the scaled data.
 - `noise` is what the objective uses both to build x_t and as its regression target. Only noise is chosen or
   permuted: images and labels keep their order. The rule never sees the model or the timestep.
 - every random draw comes from `generator` (on x0's device).
+- `center` is the training set's mean image [C, H, W] in the scaled model space (data.mean_image x image_scale),
+  for rules that score against it (KNN's `centred` score); the others ignore it. `needs_center(cfg)` says which.
 - `stats`, when a dict, receives 0-dim float32 tensors on the batch's device, written without host sync (linear
   needs the CPU anyway): `pair_dist` (mean |x0_paired_i - noise_i|), `random_dist` (the same for the random pairing
   of the same batch) and `noise_sqnorm` (mean |noise_i|^2 / D). `meter.PairingMeter` times calls and averages these.
@@ -14,7 +16,7 @@ Every rule has the same signature, `pair(x0, cfg, generator, stats=None) -> (x0_
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -23,15 +25,20 @@ from immiscible_cli.assigners import knn, linear, vanilla
 from immiscible_cli.config import KNNAssigner, LinearAssigner, VanillaAssigner
 
 AssignerConfig = Union[VanillaAssigner, LinearAssigner, KNNAssigner]
-PairFn = Callable[[Tensor, AssignerConfig, torch.Generator, Optional[dict]], tuple[Tensor, Tensor]]
+PairFn = Callable[..., tuple[Tensor, Tensor]]  # (x0, cfg, generator, stats=None, center=None) -> (x0', noise)
 
 ASSIGNERS: dict[str, PairFn] = {"vanilla": vanilla.pair, "linear": linear.pair, "knn": knn.pair}
 
 
 def pair(x0: Tensor, cfg: AssignerConfig, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pair the clean batch x0 [B, C, H, W] with noise by the rule `cfg.name`; see the module docstring."""
-    return ASSIGNERS[cfg.name](x0, cfg, generator, stats)
+    return ASSIGNERS[cfg.name](x0, cfg, generator, stats, center)
+
+
+def needs_center(cfg: AssignerConfig) -> bool:
+    """Whether the rule scores against the training set's mean image (then `pair` must be given `center`)."""
+    return getattr(cfg, "knn_score", "l2") == "centred" and getattr(cfg, "k", 1) > 1
 
 
 def check_available(cfg: AssignerConfig) -> None:
@@ -45,4 +52,4 @@ def decode(samples: Tensor, cfg: AssignerConfig) -> Tensor:
     return (samples / cfg.image_scale).clamp(-1.0, 1.0)
 
 
-__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "check_available", "decode", "pair"]
+__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "check_available", "decode", "needs_center", "pair"]

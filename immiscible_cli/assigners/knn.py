@@ -1,6 +1,15 @@
 """KNN noise selection (improved paper, "Improved Immiscible Diffusion"): each image keeps the nearest (in L2) of
 k fresh candidates n_1..n_k ~ N(0, I). Per image, O(B k D), no coupling across the batch; k = 1 is vanilla.
 
+Scores (`assigner.knn_score`), each minimised over the k candidates of an image x:
+- `l2`: |x - n|^2, the papers' rule. The kept noise is shorter than N(0, I)'s (E|n|^2/D < 1) and leans toward x,
+  so on average toward the data mean, while sampling starts from N(0, I).
+- `direction`: -(x . n) / |n|, i.e. the largest cosine between x and n. A Gaussian's norm and direction are
+  independent and the choice reads directions only, so the kept |n|^2 is exactly chi^2_D; its mean leans toward
+  the data mean (more than `l2`'s).
+- `centred`: -((x - m) . n) / |n| with m the training set's mean image in model space (data.mean_image, passed as
+  `center`): the norm exact as `direction`, and the mean of the kept noise near 0, since x - m averages to 0.
+
 Random stream. Its layout is fixed by (B, D, k) alone, so results never depend on the memory budget or chunking:
 candidate 0 of the whole batch is one randn call shaped like the batch, i.e. exactly the vanilla draw; candidates
 1..k-1 follow in randn calls of g = max(1, DRAW_GROUP_ELEMENTS // (B D)) candidates each ([g, B, C, H, W]). So big
@@ -89,14 +98,26 @@ def squared_distances(x: Tensor, sq_x: Tensor, candidates: Tensor) -> Tensor:
     return torch.baddbmm(base, x, candidates.permute(1, 2, 0), alpha=-2).view(batch, group)  # [B, g]
 
 
+def direction_scores(target: Tensor, candidates: Tensor) -> Tensor:
+    """-(t_i . n_ji) / |n_ji| [B, g] for targets t [B, 1, D] and candidates [g, B, D]: minimal at the largest cosine
+    (|t_i| is the same for all of an image's candidates, so it is left out). Accumulated in the inputs' dtype."""
+    group, batch = candidates.shape[:2]
+    norm = torch.linalg.vector_norm(candidates, dim=2).T.unsqueeze(1)  # [B, 1, g]
+    return torch.bmm(target, candidates.permute(1, 2, 0)).div_(norm).neg_().view(batch, group)  # [B, g]
+
+
 def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes: float,
-                   draw_batch: int | None = None, shard_rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """For each image of x0 [B, C, H, W], the nearest of its k candidates.
+                   draw_batch: int | None = None, shard_rows: slice | None = None, score: str = "l2",
+                   center: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """For each image of x0 [B, C, H, W], the best of its k candidates by `score` (module docstring; `centred`
+    needs `center` [C, H, W], the data mean in x0's space).
 
     Returns (noise [B, C, H, W], |x - n|^2 of the chosen [B], |x - n|^2 of candidate 0 [B]), the last two in fp32
     (fp64 for fp64 inputs). With `draw_batch` and `shard_rows`, x0 holds those rows of a batch of draw_batch images:
     every draw group is drawn for the whole batch (the stream of one process) and only these rows are scored.
     """
+    if score == "centred" and center is None:
+        raise ValueError("knn_score=centred needs the data mean (center)")
     batch, dim, itemsize = x0.shape[0], x0[0].numel(), x0.element_size()
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
     chunks = plan_chunks(batch, dim, k, itemsize, budget_bytes, draw_batch)
@@ -107,6 +128,7 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
                       f"draw plus the running best): holding {peak / 2**20:.2f} MiB")
     x = x0.reshape(batch, 1, dim).to(work)  # [B, 1, D]
     sq_x = torch.linalg.vector_norm(x, dim=2).square_().view(batch)  # [B]
+    target = x - center.reshape(1, 1, dim).to(x) if score == "centred" else x  # [B, 1, D]
     rows = torch.arange(batch, device=x0.device)
     capacity = max(sum(chunk) for chunk in chunks)
     # Slots: [carry | capacity candidates | carry] when the search spans several chunks. The running best lives
@@ -116,7 +138,7 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
     rows_of = buffer.view(-1, dim)  # [slots * B, D]: row s * B + i is image i's candidate in slot s
     carry, best, first = None, None, None
     for index, chunk in enumerate(chunks):
-        score = torch.empty((batch, sum(chunk)), dtype=work, device=x0.device)  # [B, c]
+        scores = torch.empty((batch, sum(chunk)), dtype=work, device=x0.device)  # [B, c]
         start = 0
         for group in chunk:
             # One randn call per draw group, in stream order, scored group by group: a group's scores are then
@@ -127,12 +149,19 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
             else:  # the whole batch's draw [g, draw_batch, C, H, W], of which this process keeps its rows
                 slab.copy_(torch.randn((group, draw_batch, *x0.shape[1:]), generator=generator, dtype=x0.dtype,
                                        device=x0.device)[:, shard_rows])
-            score[:, start:start + group] = squared_distances(x, sq_x, slab.view(group, batch, dim).to(work))
+            flat = slab.view(group, batch, dim).to(work)  # [g, B, D]
+            if score == "l2":
+                scores[:, start:start + group] = squared_distances(x, sq_x, flat)
+            else:
+                scores[:, start:start + group] = direction_scores(target, flat)
+                if index == 0 and start == 0:  # candidate 0, the vanilla draw: its L2 distance for the stats
+                    first = squared_distances(x, sq_x, flat[:1]).view(batch)
             start += group
-        chunk_best, pick = score.min(dim=1)  # [B]; ties go to the first index, as over all k at once
+        chunk_best, pick = scores.min(dim=1)  # [B]; ties go to the first index, as over all k at once
         slot = pick + offset  # [B]
         if best is None:
-            best, first = chunk_best, score[:, 0]
+            best = chunk_best
+            first = scores[:, 0] if first is None else first
         else:
             better = chunk_best < best  # strict: on a tie the carried (earlier) candidate stays
             slot = torch.where(better, slot, carry)
@@ -144,18 +173,21 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
             source = 1 if carry == 0 else 0  # the slots read exclude the one written: no overlap
             torch.index_select(buffer[source:source + capacity + 1].view(-1, dim), 0,
                                (slot - source) * batch + rows, out=buffer[carry].view(batch, dim))
+    if score != "l2":  # the chosen candidate's L2 distance, for the stats
+        best = torch.linalg.vector_norm(x.view(batch, dim) - noise.to(work), dim=1).square_()
     return noise.view(x0.shape), best, first
 
 
 def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """KNN rule: (x0 * c, for each image the nearest of k fresh N(0, I) candidates).
+         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """KNN rule: (x0 * c, for each image the best by `cfg.knn_score` of k fresh N(0, I) candidates).
 
     Args:
         x0: clean batch [B, C, H, W] in model space.
-        cfg: the assigner config (`k`, `memory_budget_mib`, `image_scale`).
+        cfg: the assigner config (`k`, `knn_score`, `memory_budget_mib`, `image_scale`).
         generator: source of every candidate, on x0's device.
         stats: when a dict, receives `pair_dist`, `random_dist` (candidate 0, i.e. vanilla) and `noise_sqnorm`.
+        center: the training set's mean image [C, H, W] in the scaled space (`knn_score: centred` only).
     Returns:
         (x0_paired, noise) shaped, typed and placed like x0; with k = 1 exactly the vanilla draw.
     """
@@ -163,7 +195,8 @@ def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
         return vanilla.pair(x0, cfg, generator, stats)
     x0_paired = scale_images(x0, cfg.image_scale)
     with torch.no_grad():
-        noise, best, first = select_nearest(x0_paired, cfg.k, generator, cfg.memory_budget_mib * 2**20)
+        noise, best, first = select_nearest(x0_paired, cfg.k, generator, cfg.memory_budget_mib * 2**20,
+                                            score=cfg.knn_score, center=center)
         if stats is not None:
             sqnorm = torch.linalg.vector_norm(noise.flatten(1).float(), dim=1).square() / x0[0].numel()  # [B]
             record_stats(stats, best.clamp_min(0).sqrt(), first.clamp_min(0).sqrt(), sqnorm)

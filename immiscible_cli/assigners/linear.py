@@ -104,7 +104,7 @@ def solve(cost: Tensor, solver: str = "scipy") -> np.ndarray:
 
 
 def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Linear-assignment rule: (x0 * c, the batch's i.i.d. noises permuted to minimise the total cost).
 
     Args:

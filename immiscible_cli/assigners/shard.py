@@ -44,15 +44,16 @@ class Shard:
         return slice(self.rank * self.size, (self.rank + 1) * self.size)
 
 
-def pair(x0: Tensor, cfg, generator: torch.Generator, stats: dict[str, Tensor] | None = None, *,
-         shard: Shard) -> tuple[Tensor, Tensor]:
+def pair(x0: Tensor, cfg, generator: torch.Generator, stats: dict[str, Tensor] | None = None,
+         center: Tensor | None = None, *, shard: Shard) -> tuple[Tensor, Tensor]:
     """The rule `cfg.name` for the shard x0 [b, C, H, W] (rows `shard.rows` of the global batch); see the module
     docstring. Same contract as `assigners.pair`."""
     x = scale_images(x0, cfg.image_scale)
     if cfg.name == "knn" and cfg.k > 1:
         with torch.no_grad():
             noise, best, first = knn.select_nearest(x, cfg.k, generator, cfg.memory_budget_mib * 2**20,
-                                                    draw_batch=shard.batch, shard_rows=shard.rows)
+                                                    draw_batch=shard.batch, shard_rows=shard.rows,
+                                                    score=cfg.knn_score, center=center)
             if stats is not None:
                 sqnorm = torch.linalg.vector_norm(noise.flatten(1).float(), dim=1).square() / x0[0].numel()  # [b]
                 record_stats(stats, best.clamp_min(0).sqrt(), first.clamp_min(0).sqrt(), sqnorm)

@@ -46,7 +46,7 @@ def record_unpaired_stats(stats: dict[str, Tensor], x0: Tensor, noise: Tensor) -
 
 
 def pair(x0: Tensor, cfg: VanillaAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Vanilla rule: (x0 * c, noise ~ N(0, I)) with the noise drawn independently of the images.
 
     Args:

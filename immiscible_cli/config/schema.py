@@ -158,6 +158,11 @@ class KNNAssigner(_AssignerBase):
     """Candidates per image; the nearest in L2 is kept. k = 1 is vanilla."""
     memory_budget_mib: float = Field(1024.0, gt=0.0)
     """Most extra memory the candidate search may hold at once, in MiB (candidates are processed in chunks)."""
+    knn_score: Literal["l2", "direction", "centred"] = "l2"
+    """Which candidate is kept: `l2` the nearest in L2 (the papers' rule; its noise is shorter than N(0, I)'s and
+    leans toward the data), `direction` the largest cosine to the image, `centred` the largest cosine to the image
+    minus the training set's mean image (in model space, after image scaling). The last two choose by direction
+    alone, so the kept norm is exactly Gaussian; `centred` also keeps the noise's mean near 0."""
 
 
 ASSIGNER_SECTIONS: dict[str, type[BaseModel]] = {"vanilla": VanillaAssigner, "linear": LinearAssigner,
@@ -220,6 +225,10 @@ class TrainConfig(_Section):
     cuda_graphs: bool = False
     """CUDA only: replay the compiled loss as CUDA graphs (torch.compile mode `reduce-overhead`; implies
     compile). Ignored on the CPU, with a note in log.txt, so a run moves between devices unchanged."""
+    keep_network: bool = False
+    """At the end of training also write RUN/network.pt: the final EMA weights and the training noise's moments
+    alone (a few MB at small sizes), which `eval` and `sample` accept when the snapshots are gone (studies commit
+    it, so a new sampling idea is a rescore, not a retrain)."""
     channels_last: bool = False
     """Keep the network's weights and inputs in channels_last memory format (faster convolutions on recent GPUs;
     the numbers stay the same up to summation order)."""
@@ -266,6 +275,11 @@ class SampleConfig(_Section):
     draws, whose mean |n|^2 / D (`noise_sqnorm` in metrics.jsonl) is below 1; sqrt of it matches that norm. Early in
     training a start a little below 1 lowers every rule's FID (docs/results/fashion-mnist.md): compare rules at the
     same start_std. `immiscible eval --set sample.start_std=S` rescores a run without changing it."""
+    start: Literal["standard", "matched"] = "standard"
+    """Where sampling starts: `standard` x_T ~ N(0, I) (the papers'), or `matched` x_T ~ N(m, s^2 I) fitted to the
+    noise the run trained with (m its mean image, s^2 = its mean |n|^2 / D - |m|^2 / D, accumulated in float64 over
+    the whole run and kept in every snapshot). start_std multiplies the deviation from m. For rules whose noise is
+    not N(0, I) (KNN's `l2` score): a fix at sampling time, no retraining."""
 
 
 class EvalConfig(_Section):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .. import distributed
+from .. import distributed, start_noise
 from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
@@ -45,7 +45,7 @@ FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance
 REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
 # Settings added later, with the value every row written before them had: a row lacking one means this value.
 SETTING_DEFAULTS: dict[str, Any] = {
-    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0}, "inception_precision": "fp32"}
+    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"}, "inception_precision": "fp32"}
 
 
 def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +170,7 @@ class FIDScorer:
               progress: Progress | None = None, keep: int = 0) -> dict[str, Any]:
         """Generate num_images with `net` and score them; the fid.jsonl row. `keep`: the first `keep` generated
         images (uint8) stay in `self.kept` for the caller (the snapshot grid, see shares_grid)."""
+        start_noise.check_available(self.cfg.sample.start, start_noise.attached(net), f"FID at {kimg:g} kimg")
         start = time.perf_counter()
         was_training = net.training
         net.eval()
@@ -205,6 +206,8 @@ class FIDScorer:
                    "nfe": sum(nfe) / len(nfe)}
             if self.kid:
                 row["kid"] = self._kid(stats)
+            if self.cfg.sample.start == "matched":  # the fitted start itself (it grows with training)
+                row["start_moments"] = start_noise.attached(net).summary()
             return row
 
         row = distributed.on_main(scored)
@@ -224,7 +227,7 @@ def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
     return {"eta": s.eta if sampler == "ddim" else None, "clip_x0": s.clip_x0 if ddpm else None,
             "ddim_grid": s.ddim_grid if ddpm else None, "ode_atol": s.ode_atol if sampler == "dopri5" else None,
             "ode_rtol": s.ode_rtol if sampler == "dopri5" else None,  # image_scale is the method's, in config.yaml
-            "noise": s.noise, "start_std": s.start_std}
+            "noise": s.noise, "start_std": s.start_std, "start": s.start}
 
 
 def inception_precision(wanted: str, device: torch.device) -> str:
