@@ -2,6 +2,7 @@
 
 A script, not a test:  python benchmarks/assigners.py [--device cpu|cuda|all] [--quick] [--repeats N] [--threads N]
                        python benchmarks/assigners.py --solvers   # scipy vs LAPJV (assigner.solver) at B = 1024-4096
+                       python benchmarks/assigners.py --scores    # KNN's knn_score: l2 vs direction vs centred
 
 Grid: B in {128, 256, 512, 1024, 2048}, D in {3x32x32, 4x64x64}, k in {4, 8, 64} (KNN); linear runs with
 `quantize: fp16` (the published setting) and `none`. Both implementations run in the same process, interleaved,
@@ -274,6 +275,27 @@ def solvers(batches: tuple[int, ...], repeats: int) -> None:
                   f"{times['scipy'] / times['lapjv']:>8.1f}x  {same} ({totals['scipy']:.6f} vs {totals['lapjv']:.6f})")
 
 
+def scores(device: str, repeats: int) -> None:
+    """KNN's three scores (assigner.knn_score) on the same batches, interleaved: ms per call (median) and each
+    score's time over l2's. `direction`/`centred` add a division per candidate and, for the stats, one distance."""
+    print(f"\n## {device}: KNN scores, ms per call (median of {repeats}), ratio to l2")
+    print(f"{'B':>6} {'D':>9} {'k':>4} {'l2':>9} {'direction':>10} {'centred':>9} {'dir/l2':>7} {'cen/l2':>7}")
+    for batch, shape, k in ((128, "3x32x32", 8), (256, "3x32x32", 8), (1024, "3x32x32", 8), (128, "4x64x64", 64)):
+        x = images(batch, SHAPES[shape], device)
+        center = x.mean(dim=0)
+        rules = {score: (lambda x_, g, s=score: pair(x_, KNNAssigner(k=k, knn_score=s), g, {}, center)[1])
+                 for score in ("l2", "direction", "centred")}
+        for rule in rules.values():  # warm-up
+            time_ms(rule, x, 0)
+        times: dict[str, list[float]] = {score: [] for score in rules}
+        for repeat in range(repeats):
+            for score, rule in rules.items():
+                times[score].append(time_ms(rule, x, repeat))
+        ms = {score: statistics.median(values) for score, values in times.items()}
+        print(f"{batch:>6} {shape:>9} {k:>4} {ms['l2']:>9.2f} {ms['direction']:>10.2f} {ms['centred']:>9.2f} "
+              f"{ms['direction'] / ms['l2']:>7.2f} {ms['centred'] / ms['l2']:>7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
@@ -283,6 +305,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--solvers", action="store_true",
                         help="only the exact solvers: scipy vs LAPJV at B = 1024, 2048, 4096")
+    parser.add_argument("--scores", action="store_true", help="only KNN's scores: l2 vs direction vs centred")
     parser.add_argument("--cpu-peaks-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -291,6 +314,12 @@ def main() -> None:
         return cpu_peaks_child(json.loads(args.cpu_peaks_child))
     if args.solvers:
         return solvers(SOLVER_BATCHES, max(1, min(args.repeats, 3)))
+    if args.scores:
+        for device in ["cpu", "cuda"] if args.device == "all" else [args.device]:
+            if device == "cpu" or torch.cuda.is_available():
+                with torch.no_grad():
+                    scores(device, args.repeats)
+        return
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():

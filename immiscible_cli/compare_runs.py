@@ -159,12 +159,14 @@ def experiment_key(config: dict[str, Any]) -> str:
 
 
 def assigner_label(config: dict[str, Any]) -> str:
-    """'vanilla', 'knn k=8', 'linear l2 fp16', 'vanilla x2' (image_scale 2)."""
+    """'vanilla', 'knn k=8', 'knn k=8 centred', 'linear l2 fp16', 'vanilla x2' (image_scale 2)."""
     assigner = config.get("assigner") or {}
     name = assigner.get("name", "vanilla")
     parts = [name]
     if name == "knn":
         parts.append(f"k={assigner.get('k')}")
+        if assigner.get("knn_score", "l2") != "l2":
+            parts.append(str(assigner["knn_score"]))
     elif name == "linear":
         parts.append(str(assigner.get("cost", "l2")))
         if assigner.get("quantize", "none") != "none":

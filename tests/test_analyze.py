@@ -17,7 +17,7 @@ from immiscible_cli.analysis.posterior import batch_grams, batch_measures
 from immiscible_cli.cli import app
 from immiscible_cli.config import (DDPMObjective, FlowObjective, KNNAssigner, LinearAssigner, VanillaAssigner,
                                    load_config)
-from immiscible_cli.data import load_images
+from immiscible_cli.data import ImageSet, load_images
 from immiscible_cli.errors import UserError
 from immiscible_cli.objectives import DDPM, Flow
 
@@ -236,3 +236,28 @@ def test_bad_input_is_a_clean_error(trained_run, tmp_path, args, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
     assert not (tmp_path / "analysis").exists()
+
+
+def test_the_data_directions_see_the_tilt_random_directions_miss(batches):
+    def along(rule) -> dict[str, dict]:
+        found = measure(batches, rule, count=20, levels=(0.5,))["gaussianity"]["data_directions"]
+        return {row["direction"]: row for row in found}
+
+    vanilla, l2 = along(VanillaAssigner()), along(KNNAssigner(k=8))
+    centred = along(KNNAssigner(k=8, knn_score="centred"))
+    assert list(vanilla) == ["data mean", "PC1", "PC2", "PC3"]
+    assert abs(vanilla["data mean"]["mean"]) < 0.2 and vanilla["data mean"]["ks_pvalue"] > 1e-3
+    assert l2["data mean"]["mean"] > 0.4 and l2["data mean"]["ks_pvalue"] < 1e-6  # KNN leans toward the data mean
+    assert abs(centred["data mean"]["mean"]) < 0.2  # the centred score does not
+    assert centred["PC1"]["variance"] > vanilla["PC1"]["variance"] + 0.1  # but spreads along the top component
+
+
+def test_data_directions_are_unit_and_the_mean_first():
+    images = ImageSet(torch.randint(0, 256, (40, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.uint8), torch.zeros(40, dtype=torch.long), 0, "t")
+    names, basis = data_mode.data_directions(images, hflip=True, components=2)
+    assert names == ["data mean", "PC1", "PC2"] and basis.shape == (16, 3)
+    assert torch.allclose(torch.linalg.vector_norm(basis, dim=0), torch.ones(3, dtype=torch.float64))
+    mean = data_mode.mean_image(images, True).flatten().double()
+    assert torch.allclose(basis[:, 0], mean / mean.norm())
+    assert abs(float(basis[:, 1] @ basis[:, 2])) < 1e-9

@@ -9,7 +9,12 @@ its seed) the rule pairs the batch with noise, and from the pair (x0' = c x0, n)
 - Gaussianity of the chosen noise: per-dimension mean and variance over all N = batches x B noises (max |mean|,
   mean variance; N(0, I) gives about 0 and 1), and a one-sample Kolmogorov-Smirnov test (scipy.stats.kstest)
   of the projections of every noise onto `directions` fixed random orthonormal directions against N(0, 1): for
-  N(0, I) noise these N x directions values are independent N(0, 1), so the p-value is uniform;
+  N(0, I) noise these N x directions values are independent N(0, 1), so the p-value is uniform. Random
+  directions are nearly blind to a tilt along the data (in high dimension a random direction is almost orthogonal
+  to the data mean), so the same test is also made along the data (`data_directions`): the unit direction of the
+  training set's mean image and its top DATA_COMPONENTS principal components (of a seeded sample of at most
+  DATA_SAMPLE images, mirror images included when training flips), each with the projections' mean (in sd units
+  of N(0, 1)), variance and KS p-value;
 - miscibility, the papers' number whose construction they do not fully specify. Ours: `probes` fixed images (the
   data set's first ones, unflipped) are put in place of the first rows of each batch and paired again with a
   separate random stream, so each probe image i gets R = `batches` noise draws n_i^r, a "noise cluster" with
@@ -38,7 +43,7 @@ from .. import assigners
 from ..assigners import AssignerConfig
 from ..config import Config
 from ..console import Progress
-from ..data import BatchStream, ImageSet, to_model_space
+from ..data import BatchStream, ImageSet, mean_image, to_model_space
 from ..objectives import build_objective
 from .levels import noise_level
 from .posterior import batch_grams, batch_measures
@@ -59,6 +64,35 @@ class DataSettings:
     directions: int = DEFAULT_DIRECTIONS
 
 
+DATA_COMPONENTS = 3  # principal components of the data tested besides its mean direction
+DATA_SAMPLE = 10_000  # images behind the principal components at most (a seeded sample of larger sets)
+
+
+def data_directions(images: ImageSet, hflip: bool, components: int = DATA_COMPONENTS,
+                    cap: int = DATA_SAMPLE) -> tuple[list[str], torch.Tensor]:
+    """Names and unit directions [D, q] along the data: the mean image's direction, then the top `components`
+    principal components (float64; deterministic: a sample seeded 0, mirror images added when training flips)."""
+    mean = mean_image(images, hflip).flatten().double()  # [D]
+    chosen = images.images
+    if len(chosen) > cap:
+        chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(0))[:cap].sort().values]
+    x = to_model_space(chosen).double()  # [N, C, H, W]
+    if hflip:
+        x = torch.cat([x, x.flip(-1)])
+    centred = x.flatten(1) - x.flatten(1).mean(dim=0)  # [N, D]
+    count = min(components, centred.shape[0] - 1, centred.shape[1])
+    vectors = torch.linalg.svd(centred, full_matrices=False).Vh[:max(count, 0)].T if count > 0 else \
+        torch.zeros(mean.shape[0], 0, dtype=torch.float64)  # [D, q]
+    names, columns = [], []
+    if float(mean.norm()) > 0:
+        names.append("data mean")
+        columns.append(mean / mean.norm())
+    for i in range(vectors.shape[1]):
+        names.append(f"PC{i + 1}")
+        columns.append(vectors[:, i])
+    return names, torch.stack(columns, dim=1) if columns else torch.zeros(mean.shape[0], 0, dtype=torch.float64)
+
+
 def batch_seed(seed: int, index: int) -> int:
     """Seed of the pairing draws of batch `index` of a run seeded `seed` (the same for every rule)."""
     return seed * 1_000_003 + index
@@ -67,7 +101,11 @@ def batch_seed(seed: int, index: int) -> int:
 class NoiseMoments:
     """Streaming per-dimension sums of the chosen noise and its projections onto fixed orthonormal directions."""
 
-    def __init__(self, dim: int, directions: int, seed: int):
+    def __init__(self, dim: int, directions: int, seed: int,
+                 along: tuple[list[str], torch.Tensor] | None = None):
+        """`along`: named unit directions [D, q] of the data (data_directions), tested one by one."""
+        self.along_names, self.along = along or ([], torch.zeros(dim, 0, dtype=torch.float64))
+        self.along_projections: list[torch.Tensor] = []
         self.sum = torch.zeros(dim, dtype=torch.float64)  # [D]
         self.sum_sq = torch.zeros(dim, dtype=torch.float64)  # [D]
         self.count = 0
@@ -82,14 +120,23 @@ class NoiseMoments:
         self.sum_sq += flat.square().sum(dim=0)
         self.count += flat.shape[0]
         self.projections.append(flat @ self.basis)  # [B, P]
+        self.along_projections.append(flat @ self.along)  # [B, q]
 
     def summary(self) -> dict[str, float]:
         mean = self.sum / self.count  # [D]
         variance = (self.sum_sq / self.count - mean.square()) * self.count / max(self.count - 1, 1)  # [D]
         values = torch.cat(self.projections).flatten().numpy()
         test = scipy_stats.kstest(values, "norm")
+        along = torch.cat(self.along_projections)  # [N, q]
+        rows = []
+        for i, name in enumerate(self.along_names):
+            column = along[:, i]
+            fit = scipy_stats.kstest(column.numpy(), "norm")
+            rows.append({"direction": name, "mean": float(column.mean()), "variance": float(column.var()),
+                         "ks_statistic": float(fit.statistic), "ks_pvalue": float(fit.pvalue)})
         return {"max_abs_mean": float(mean.abs().max()), "mean_variance": float(variance.mean()),
-                "ks_statistic": float(test.statistic), "ks_pvalue": float(test.pvalue), "ks_values": int(values.size)}
+                "ks_statistic": float(test.statistic), "ks_pvalue": float(test.pvalue), "ks_values": int(values.size),
+                "data_directions": rows}
 
 
 class NoiseClusters:
@@ -132,12 +179,14 @@ def measure(cfg: Config, rule: AssignerConfig, images: ImageSet, settings: DataS
     dim = probes[0].numel()
     sums = {key: torch.zeros(len(points), dtype=torch.float64) for key in ("posterior", "correct", "irreducible")}
     distances = {key: 0.0 for key in ("pair_dist", "random_dist", "noise_sqnorm")}
-    moments, clusters = NoiseMoments(dim, settings.directions, cfg.seed), NoiseClusters(probe_count, dim)
+    moments = NoiseMoments(dim, settings.directions, cfg.seed, data_directions(images, cfg.data.hflip))
+    clusters = NoiseClusters(probe_count, dim)
+    center = mean_image(images, cfg.data.hflip) * rule.image_scale if assigners.needs_center(rule) else None
     for index in range(settings.batches):
         x0, _ = stream.next(flips)  # [B, C, H, W] in [-1, 1]
         stats: dict[str, torch.Tensor] = {}
         generator = torch.Generator().manual_seed(batch_seed(cfg.seed, index))
-        x0_paired, noise = assigners.pair(x0, rule, generator, stats)
+        x0_paired, noise = assigners.pair(x0, rule, generator, stats, center)
         grams = batch_grams(x0_paired, noise)
         for key, values in batch_measures(grams, points, dim).items():  # [L, B] each
             sums[key] += values.sum(dim=1)
@@ -146,7 +195,7 @@ def measure(cfg: Config, rule: AssignerConfig, images: ImageSet, settings: DataS
         moments.add(noise)
         probe_batch = torch.cat([probes, x0[probe_count:]])  # the probes in place of the batch's first rows
         _, probe_noise = assigners.pair(probe_batch, rule, torch.Generator().manual_seed(
-            batch_seed(cfg.seed, index) + PROBE_STREAM))
+            batch_seed(cfg.seed, index) + PROBE_STREAM), center=center)
         clusters.add(probe_noise[:probe_count])
         if progress is not None:
             progress(index + 1, settings.batches, what)

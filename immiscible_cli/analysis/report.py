@@ -105,6 +105,17 @@ def data_tables(lines: list[dict[str, Any]], out: Console) -> None:
                       _number(line["miscibility_raw"], 3), _number(gauss["max_abs_mean"]),
                       _number(gauss["mean_variance"]), _number(gauss["ks_statistic"]), f"{gauss['ks_pvalue']:.3g}")
     show_table(out, noise)
+    along = Table(title="the chosen noise along the data (projections on unit directions; N(0, I) gives mean 0, "
+                        "variance 1)", title_justify="left", header_style="bold")
+    for column in ("line", "direction", "mean (sd)", "variance", "KS statistic", "KS p-value"):
+        along.add_column(column, justify="left" if column in ("line", "direction") else "right")
+    for line in lines:
+        rows = line["gaussianity"].get("data_directions", [])
+        for i, row in enumerate(rows):
+            along.add_row(line["label"] if i == 0 else "", row["direction"], _number(row["mean"]),
+                          _number(row["variance"]), _number(row["ks_statistic"]), f"{row['ks_pvalue']:.3g}",
+                          end_section=i == len(rows) - 1)
+    show_table(out, along)
     for line in lines:
         if line["role"] == "preset" and line.get("baseline") != line["label"]:
             out.print(f"{line['label']}: baseline {line['baseline']} (vanilla pairing, image scale 1, the same "
@@ -113,7 +124,8 @@ def data_tables(lines: list[dict[str, Any]], out: Console) -> None:
 
 def describe_rule(rule: dict[str, Any]) -> str:
     """`knn k=8`, `linear l2`, `vanilla x2` (image_scale 2) ..."""
-    text = {"knn": f"knn k={rule.get('k')}", "linear": f"linear {rule.get('cost')}"}.get(rule["name"], rule["name"])
+    score = f" {rule['knn_score']}" if rule.get("knn_score", "l2") != "l2" else ""
+    text = {"knn": f"knn k={rule.get('k')}{score}", "linear": f"linear {rule.get('cost')}"}.get(rule["name"], rule["name"])
     return text + (f" x{rule['image_scale']:g}" if rule.get("image_scale", 1.0) != 1.0 else "")
 
 

@@ -29,7 +29,7 @@ import torch
 from .. import assigners
 from ..config import Config, VanillaAssigner
 from ..console import Progress, note as say
-from ..data import DataError, ImageSet, load_images, to_model_space, to_uint8
+from ..data import DataError, ImageSet, load_images, mean_image, to_model_space, to_uint8
 from ..metrics import FIDExtractor, FIDWeightsError
 from ..networks import load_network, pick_device
 from ..objectives import build_objective
@@ -84,6 +84,8 @@ def loss_per_bin(net: torch.nn.Module, cfg: Config, images: ImageSet, settings: 
     """Mean per-sample loss in each noise-level bin under the run's rule (`own`) and vanilla noise."""
     objective = build_objective(cfg.objective)
     rules = {"own": cfg.assigner, "vanilla": VanillaAssigner(image_scale=cfg.assigner.image_scale)}
+    center = (mean_image(images, cfg.data.hflip) * cfg.assigner.image_scale
+              if assigners.needs_center(cfg.assigner) else None)  # KNN's centred score: the training data's mean
     count, batch = min(settings.images, len(images)), cfg.train.batch_size
     sums = {name: [0.0] * settings.bins for name in rules}
     conditional = cfg.model.num_classes is not None
@@ -95,7 +97,7 @@ def loss_per_bin(net: torch.nn.Module, cfg: Config, images: ImageSet, settings: 
             t = times_in_bin(objective, k / settings.bins, (k + 1) / settings.bins, len(x0),
                              torch.Generator().manual_seed(seed)).to(device)  # [b]
             for name, rule in rules.items():  # the same first draw: KNN's candidate 0 is the vanilla noise
-                x0_paired, noise = assigners.pair(x0, rule, torch.Generator().manual_seed(seed))
+                x0_paired, noise = assigners.pair(x0, rule, torch.Generator().manual_seed(seed), center=center)
                 loss = objective.loss(net, x0_paired.to(device), noise.to(device), t, labels)  # [b]
                 sums[name][k] += float(loss.double().sum())
     return {"images": count, "bins": [{"low": k / settings.bins, "high": (k + 1) / settings.bins,
