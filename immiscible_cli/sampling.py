@@ -90,7 +90,7 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
         chunk = list(seeds[start:start + batch])
         noise_source = CounterNoise(chunk, device) if cfg.sample.noise == "counter" else SeededNoise(chunk, device)
         noise = noise_source.randn_like(torch.empty((len(chunk), *shape), device=device))  # [b, C, H, W]
-        # x_T: N(0, start_std^2 I), or fitted to the training noise (start_noise.py); the sampler's own draws stay N(0, I)
+        # x_T: N(0, start_std^2 I) or fitted to the training noise (start_noise.py); the sampler's draws stay N(0, I)
         noise = start_noise.start(noise, cfg.sample.start, cfg.sample.start_std, start_noise.attached(net))
         chunk_labels = None
         if conditional:

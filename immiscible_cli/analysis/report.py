@@ -125,7 +125,8 @@ def data_tables(lines: list[dict[str, Any]], out: Console) -> None:
 def describe_rule(rule: dict[str, Any]) -> str:
     """`knn k=8`, `linear l2`, `vanilla x2` (image_scale 2) ..."""
     score = f" {rule['knn_score']}" if rule.get("knn_score", "l2") != "l2" else ""
-    text = {"knn": f"knn k={rule.get('k')}{score}", "linear": f"linear {rule.get('cost')}"}.get(rule["name"], rule["name"])
+    text = {"knn": f"knn k={rule.get('k')}{score}",
+            "linear": f"linear {rule.get('cost')}"}.get(rule["name"], rule["name"])
     return text + (f" x{rule['image_scale']:g}" if rule.get("image_scale", 1.0) != 1.0 else "")
 
 

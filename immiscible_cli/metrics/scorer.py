@@ -45,7 +45,8 @@ FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance
 REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
 # Settings added later, with the value every row written before them had: a row lacking one means this value.
 SETTING_DEFAULTS: dict[str, Any] = {
-    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"}, "inception_precision": "fp32"}
+    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"},
+    "inception_precision": "fp32"}
 
 
 def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
