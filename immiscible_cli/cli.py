@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, fail,
-                          joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors)
+from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, exit_now, fail,
+                          joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors,
+                          several_processes)
 from .errors import UserError, names_memory_field
 
 app = typer.Typer(
@@ -439,4 +440,19 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or path t
 
 
 def main() -> None:
-    app()
+    """The console script. Under torchrun (several processes) the process ends with os._exit once the command has
+    left the process group and flushed its output: the interpreter's own teardown then runs no C++ destructors,
+    one of which (a thread object of torch.distributed still joinable at exit) aborted rank 0 about once in eight
+    finished runs ("terminate called without an active exception", SIGABRT, so torchrun reported a finished run as
+    FAILED). The exit code is the command's."""
+    if not several_processes():
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as e:  # typer ends every command with one
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    exit_now(code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -69,6 +70,21 @@ def joins_process_group(command: Callable) -> Callable:
             return command(*args, **kwargs)
 
     return wrapper
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` after flushing Python's output streams and logging, skipping the interpreter's
+    teardown (atexit hooks, C++ destructors). Only for the end of a command run under torchrun: its loggers,
+    files and process group are closed by then (see cli.main)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def one_process(command: str) -> None:
