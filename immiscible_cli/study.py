@@ -235,12 +235,14 @@ def _log(out: Path, message: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
 
 
-def comparison(study: Study, out: Path, plot: Path | None = None) -> tuple[str, str]:
+def comparison(study: Study, out: Path, plot: Path | None = None,
+               rows: list[dict[str, Any]] | None = None) -> tuple[str, str]:
     """The `compare` table of the study's runs that have FID points (with compare's warnings after it) and its JSON
-    document; `plot` also draws the curves. What `write_report` writes, and what a reader can recompute."""
+    document; `plot` also draws the curves. What `write_report` writes, and what a reader can recompute. `rows`:
+    the members to compare (`status` rows; default all of them, as they are)."""
     from . import compare
 
-    scored = [r for r in status(study, out) if r["fid_points"] > 0]  # compare the runs as they are
+    scored = [r for r in (status(study, out) if rows is None else rows) if r["fid_points"] > 0]
     paths = [Path(r["path"]) for r in scored]
     baselines = [p for r, p in zip(scored, paths) if r["run"] == study.baseline]
     baseline = baselines[0] if baselines else None
