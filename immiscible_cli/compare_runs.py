@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 
 from .compare_curves import Curve, mean_curve, value_at
-from .config import ConfigError, validate
+from .config import ASSIGNER_SECTIONS, ConfigError, validate
 from .errors import UserError
 from .metrics.scorer import fid_settings, read_fid_rows
 from .runs import Run, open_run
@@ -162,13 +162,8 @@ def assigner_label(config: dict[str, Any]) -> str:
     """'vanilla', 'knn k=8', 'linear l2 fp16', 'vanilla x2' (image_scale 2)."""
     assigner = config.get("assigner") or {}
     name = assigner.get("name", "vanilla")
-    parts = [name]
-    if name == "knn":
-        parts.append(f"k={assigner.get('k')}")
-    elif name == "linear":
-        parts.append(str(assigner.get("cost", "l2")))
-        if assigner.get("quantize", "none") != "none":
-            parts.append(str(assigner["quantize"]))
+    section = ASSIGNER_SECTIONS.get(name) if isinstance(name, str) else None
+    parts = [name, *(section.label_settings(assigner) if section is not None else [])]
     scale = assigner.get("image_scale", 1.0)
     if _number(scale) and scale != 1:
         parts.append(f"x{scale:g}")

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import assigners, checkpoint, distributed, loggers, runs, start_noise, train_batches, train_ranks
-from .assigners import shard
+from .assigners.shard import Shard
 from .assigners.meter import PairingMeter
 from .config import Config
 from .data import BatchStream, ImageSet, check_classes, fits_on_gpu, load_images, mean_image, tensor_digest
@@ -88,7 +88,7 @@ class TrainingLoop:
         # Several processes (train_ranks.py): this rank's rows of every global batch, micro-batches of `micro`.
         self.rank, self.world, self.batch = distributed.rank(), distributed.world(), t.batch_size
         self.share, self.micro = train_ranks.split_batch(cfg, self.world)
-        self.shard = shard.Shard(self.rank, self.world, self.batch) if self.world > 1 else None
+        self.shard = Shard(self.rank, self.world, self.batch) if self.world > 1 else None
         self.notes: list[str] = []  # for log.txt: settings ignored here, how a resume restored the random streams
         torch.manual_seed(cfg.seed)  # weights init from the run seed ...
         self.net = build_network(cfg).to(device).train()
@@ -117,8 +117,7 @@ class TrainingLoop:
         self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident,
                                   self.shard.rows if self.shard else None)
         self.center = self.data_mean(data)  # the data mean KNN's `centred` score needs; None for other rules
-        pair_fn = functools.partial(shard.pair, shard=self.shard) if self.shard else assigners.pair
-        self.meter = PairingMeter(device, functools.partial(pair_fn, center=self.center))
+        self.meter = PairingMeter(device, functools.partial(assigners.pair, center=self.center, shard=self.shard))
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         self.moments = start_noise.NoiseMoments.zeros(shape, device)  # this process's share since the start
         self.batches = PairedBatches(self.stream, self.meter, cfg.assigner, self.generators, device,
