@@ -1,7 +1,7 @@
 """Reading runs for `immiscible compare`: each run's comparable FID curve, one FID settings combination for all
 runs, and runs whose configs differ only in their seed merged into one seed group (an `Entry`).
 
-Only FIDs scored with the same settings (`metrics.scorer.FID_SETTINGS`) are compared; a group is compared through
+Only FIDs scored with the same settings (`runs.FID_SETTINGS`) are compared; a group is compared through
 its mean curve, and seed by seed (compare_seeds.py) through the `Member` runs it keeps.
 """
 
@@ -23,8 +23,7 @@ from rich.console import Console
 from .compare_curves import Curve, mean_curve, value_at
 from .config import ASSIGNER_SECTIONS, ConfigError, validate
 from .errors import UserError
-from .metrics.scorer import fid_settings, read_fid_rows
-from .runs import Run, open_run
+from .runs import Run, fid_settings, open_run, read_fid_rows
 
 
 class CompareError(UserError):

@@ -26,7 +26,7 @@ from . import runs
 from .config import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, Config, ConfigError, changed_fields, load_config,
                      read_yaml, resumable, with_overrides)
 from .errors import UserError
-from .files import read_jsonl, write_atomic
+from .files import write_atomic
 
 DEFAULT_ROOT = Path("runs")
 
@@ -123,8 +123,8 @@ def status(study: Study, out: Path) -> list[dict[str, Any]]:
     rows = []
     for name, seed in study.members():
         cfg, path = study.config(name, seed), run_dir(out, name, seed)
-        metrics = read_jsonl(path / runs.METRICS, runs.METRICS_ROW)
-        fid = read_jsonl(path / runs.FID, runs.FID_ROW)
+        run = runs.Run(path)  # maybe not made yet: no rows then
+        metrics, fid = run.metrics(), runs.read_fid_rows(run)
         every, total = round(cfg.eval.every_kimg * 1000), round(cfg.train.total_kimg * 1000)  # in images
         due = total // every if 0 < every <= total else 0
         points = {round(float(r["kimg"]) * 1000) // every for r in fid if every > 0 and "kimg" in r}

@@ -440,7 +440,7 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
     """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
     run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed). `scorer`, when given,
     makes an FID point every cfg.eval.every_kimg; its rows go to the run's fid.jsonl."""
-    from .metrics.scorer import append_fid_row, read_fid_rows
+    from .runs import append_fid_row, read_fid_rows
 
     device = pick_device(cfg.train.device)
     assigners.check_available(cfg.assigner)  # an optional solver that is missing fails before anything is written

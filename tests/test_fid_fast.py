@@ -15,7 +15,8 @@ from immiscible_cli import networks, sampling
 from immiscible_cli.config import load_config
 from immiscible_cli.counter_noise import CounterNoise, counter_normal, philox4x32
 from immiscible_cli.metrics import FIDExtractor, ReferenceKey, WeightsInfo, frechet_distance, frechet_distance_eigh
-from immiscible_cli.metrics.scorer import fid_settings, inception_precision, sampling_settings
+from immiscible_cli.metrics.scorer import inception_precision, sampling_settings
+from immiscible_cli.runs import fid_settings
 
 
 def words(values: list[int]) -> list[torch.Tensor]:
