@@ -37,7 +37,7 @@ from .errors import EXIT_NON_FINITE, UserError, lowers_on_oom
 from .images import grid_image, save_png
 from .networks import build_network, expected_snapshot, pick_device
 from .objectives import build_objective
-from .sampling import generate
+from .generation import generate
 from .train_batches import PairedBatches
 from .train_report import Reporter
 

@@ -24,6 +24,7 @@ from .. import distributed, start_noise
 from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
+from ..generation import generate
 from .features import FIDExtractor
 from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
@@ -111,8 +112,6 @@ class FIDScorer:
     def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
         """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
         evaluations of each batch are appended to `nfe`."""
-        from ..sampling import generate
-
         for first in shards.batch_starts(self.num_images, self.batch):  # several processes: this rank's batches
             seeds = list(range(first, min(first + self.batch, self.num_images)))
             yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,
