@@ -254,12 +254,17 @@ def create_run_at(path: Path, config: Config, argv: list[str] | None = None, dev
     return _populate(path, config, argv, device)
 
 
+def holds_run(path: Path) -> bool:
+    """Whether `path` holds a whole run (its config.yaml, written last: a half-made directory does not)."""
+    return (Path(path) / CONFIG).is_file()
+
+
 def check_new_run_dir(path: Path) -> None:
     """A RunError, before anything is written, unless `path` can become a new run: a folder that does not exist yet,
     an empty one, or one a crashed `create_run_at` left half made. A run, a file or a folder holding anything else
     is refused and left untouched."""
     path = Path(path)
-    if (path / CONFIG).exists():
+    if (path / CONFIG).exists():  # not holds_run: a config.yaml that is not a file is refused too
         raise RunError(f"{path}: already holds a run")
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: it is a file, not a folder; choose a new or empty folder for --run-dir")

@@ -435,6 +435,14 @@ def peak_memory_mib(device: torch.device) -> float:
 # entry point
 
 
+def check_before_work(cfg: Config) -> None:
+    """What fails before any work or write: an optional solver (assigner) or logger extra that is not installed,
+    a batch the processes cannot share (train_ranks.split_batch)."""
+    assigners.check_available(cfg.assigner)
+    loggers.check_available(cfg.train.loggers)
+    train_ranks.split_batch(cfg, distributed.world())
+
+
 def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool = False,
           scorer: Scorer | None = None, argv: list[str] | None = None, console=None) -> runs.Run:
     """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
@@ -443,14 +451,12 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
     from .runs import append_fid_row, read_fid_rows
 
     device = pick_device(cfg.train.device)
-    assigners.check_available(cfg.assigner)  # an optional solver that is missing fails before anything is written
-    loggers.check_available(cfg.train.loggers)  # and so does a logger's extra
+    check_before_work(cfg)
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
     try:
         check_classes(data, cfg.model.num_classes)  # a conditional model needs a class for every image's label
     except UserError as e:
         raise distributed.everywhere(e) from None
-    train_ranks.split_batch(cfg, distributed.world())  # a batch that does not split fails before any write
     run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
     with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
         loop = TrainingLoop(cfg, run, data, device, scorer,
@@ -475,7 +481,7 @@ def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: b
     world = distributed.world()
     if run_dir is None:
         return train_ranks.record_processes(runs.create_run(out_root, cfg, argv, str(device)), cfg, world)
-    if resume or (Path(run_dir) / runs.CONFIG).is_file():
+    if resume or runs.holds_run(run_dir):
         run = runs.open_run(run_dir)
         if not resume and run.config().digest() != cfg.digest():
             raise UserError(f"{run_dir}: holds a run with another config; continue it with `immiscible train "
