@@ -16,7 +16,7 @@ from rich.console import Console
 from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, exit_now, fail,
                           joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors,
                           several_processes)
-from .errors import UserError, names_memory_field
+from .errors import names_memory_field
 
 app = typer.Typer(
     name="immiscible",
@@ -65,47 +65,23 @@ def train(
     inception: InceptionOpt = None,
 ) -> None:
     """Train a model with the chosen noise assigner; ticks go to metrics.jsonl, FID points to fid.jsonl."""
-    from . import config as config_mod
-    from . import runs
+    from . import train_setup
 
-    def resolve():  # under torchrun rank 0 reads the config and the run directory, and tells every rank
-        if resume is not None:
-            if preset or run_dir:
-                raise UserError("--resume continues a run with its own config; drop --preset/--run-dir")
-            run = runs.open_run(resume)
-            return (config_mod.with_overrides(run.config(), set_, config_mod.RESUMABLE_OVERRIDES) if set_
-                    else run.config()), run.path
-        cfg = config_mod.load_config(preset, set_ or [])
-        if run_dir is not None and run_dir.is_dir() and not (run_dir / runs.CONFIG).is_file():
-            runs.check_new_run_dir(run_dir)  # a folder holding anything else: refused before any work, dry run too
-        return cfg, run_dir if run_dir is not None else runs.next_run_path(out_dir, cfg.name)
-
-    cfg, target = on_rank0(resolve)
+    # under torchrun rank 0 reads the config and the run directory, and tells every rank
+    plan = on_rank0(lambda: train_setup.plan(preset, set_, out_dir=out_dir, run_dir=run_dir, resume=resume))
     if dry_run:
-        out.print(cfg.to_yaml(), end="", markup=False)
-        verb = "continue" if resume is not None or (run_dir is not None and (run_dir / runs.CONFIG).is_file()) \
-            else "create"
-        out.print(f"# dry run: would {verb} {target} (nothing written)", markup=False)
+        out.print(plan.cfg.to_yaml(), end="", markup=False)
+        out.print(f"# dry run: would {'continue' if plan.continues else 'create'} {plan.target} (nothing written)",
+                  markup=False)
         return
-    from . import distributed, train_ranks, trainer
-    from .console import Bars
     from .files import check_writable
-    from .metrics.scorer import training_scorer
-    from .networks import pick_device
+    from .trainer import check_before_work
 
-    from . import loggers
-    from .assigners import check_available
-
-    check_available(cfg.assigner)  # an optional solver that is not installed fails before any work
-    loggers.check_available(cfg.train.loggers)  # and so does a logger's extra (tensorboard, wandb)
-    train_ranks.split_batch(cfg, distributed.world())  # and a batch the processes cannot share
+    check_before_work(plan.cfg)  # an optional solver or logger extra, a batch the processes cannot share
     option = "--resume" if resume is not None else "--run-dir" if run_dir is not None else "--out"
-    on_rank0(lambda: check_writable(target if option != "--out" else out_dir, "folder", option))  # before work
-    oom = names_memory_field("eval.batch_size", cfg.eval.batch_size, "while computing reference statistics")
-    with Bars(out) as bars, oom:  # weights and reference statistics: fail (or compute them) before any write
-        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
-    run = trainer.train(cfg, out_root=out_dir, run_dir=resume or run_dir, resume=resume is not None,
-                        scorer=scorer, argv=sys.argv, console=out)
+    on_rank0(lambda: check_writable(plan.target if option != "--out" else out_dir, "folder", option))  # before work
+    run = train_setup.train_run(plan.cfg, out_dir=out_dir, run_dir=resume or run_dir, resume=resume is not None,
+                                inception=inception, argv=sys.argv, console=out)
     out.print(f"run directory: {run.path}", markup=False)
 
 

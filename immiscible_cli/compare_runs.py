@@ -1,7 +1,7 @@
 """Reading runs for `immiscible compare`: each run's comparable FID curve, one FID settings combination for all
 runs, and runs whose configs differ only in their seed merged into one seed group (an `Entry`).
 
-Only FIDs scored with the same settings (`metrics.scorer.FID_SETTINGS`) are compared; a group is compared through
+Only FIDs scored with the same settings (`runs.FID_SETTINGS`) are compared; a group is compared through
 its mean curve, and seed by seed (compare_seeds.py) through the `Member` runs it keeps.
 """
 
@@ -21,10 +21,9 @@ import yaml
 from rich.console import Console
 
 from .compare_curves import Curve, mean_curve, value_at
-from .config import ConfigError, validate
+from .config import ASSIGNER_SECTIONS, ConfigError, validate
 from .errors import UserError
-from .metrics.scorer import fid_settings, read_fid_rows
-from .runs import Run, open_run
+from .runs import Run, fid_settings, open_run, read_fid_rows
 
 
 class CompareError(UserError):
@@ -162,15 +161,8 @@ def assigner_label(config: dict[str, Any]) -> str:
     """'vanilla', 'knn k=8', 'knn k=8 centred', 'linear l2 fp16', 'vanilla x2' (image_scale 2)."""
     assigner = config.get("assigner") or {}
     name = assigner.get("name", "vanilla")
-    parts = [name]
-    if name == "knn":
-        parts.append(f"k={assigner.get('k')}")
-        if assigner.get("knn_score", "l2") != "l2":
-            parts.append(str(assigner["knn_score"]))
-    elif name == "linear":
-        parts.append(str(assigner.get("cost", "l2")))
-        if assigner.get("quantize", "none") != "none":
-            parts.append(str(assigner["quantize"]))
+    section = ASSIGNER_SECTIONS.get(name) if isinstance(name, str) else None
+    parts = [name, *(section.label_settings(assigner) if section is not None else [])]
     scale = assigner.get("image_scale", 1.0)
     if _number(scale) and scale != 1:
         parts.append(f"x{scale:g}")

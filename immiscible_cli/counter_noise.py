@@ -1,7 +1,7 @@
 """Counter-based per-image noise: the Gaussian draws of a whole batch in one vectorised computation, image i's
 values a pure function of (its seed, the draw's number, the element's index), so whatever batch it is made in.
 
-`sample.noise: counter` uses it instead of `sampling.SeededNoise` (one torch.Generator and one small kernel per
+`sample.noise: counter` uses it instead of `generation.SeededNoise` (one torch.Generator and one small kernel per
 image, slow for batches of thousands on a GPU). The bits come from Philox4x32-10 (Salmon et al., "Parallel random
 numbers: as easy as 1, 2, 3", SC 2011; the generator of cuRAND and of torch's CUDA RNG), written with int64 torch
 ops so that it runs the same on every device: key = the image's 64-bit seed, counter = (block of 4 elements, draw
@@ -71,7 +71,7 @@ def counter_normal(seeds: Sequence[int], draw: int, shape: Sequence[int], device
 
 class CounterNoise:
     """`randn_like(x)` draws x[i] from seed i with counter noise: the k-th call of a batch gives every image its own
-    k-th draw, so image i is the same at any batch size (as with `sampling.SeededNoise`, other values)."""
+    k-th draw, so image i is the same at any batch size (as with `generation.SeededNoise`, other values)."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device):
         self.seeds, self.device, self.draws = [int(s) for s in seeds], device, 0

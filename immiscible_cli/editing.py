@@ -27,6 +27,7 @@ from .config import Config, DataConfig
 from .console import Progress
 from .data import IMAGE_SUFFIXES, fit_resolution, match_channels, to_model_space
 from .errors import UserError
+from .generation import SeededNoise, generate
 from .images import save_each, save_png
 from .runs import Run
 
@@ -141,9 +142,7 @@ def inpaint(net: torch.nn.Module, cfg: Config, known: torch.Tensor, fill: torch.
             sampler: str, steps: int, guidance: float = 1.0, label: int | None = None, resample: int = 0,
             batch: int = 64, device: torch.device | None = None) -> torch.Tensor:
     """uint8 [N, S, C, R, R]: image n [C, R, R] (uint8, at the run's size) edited in `fill` [N, 1, R, R] (True =
-    generate) once per seed; edit (n, s) is `sampling.generate`'s image for seed s with the known region imposed."""
-    from . import sampling
-
+    generate) once per seed; edit (n, s) is `generation.generate`'s image for seed s with the known region imposed."""
     if cfg.objective.kind == "flow" and sampler == "dopri5":
         raise EditError("--sampler dopri5: the adaptive solver has no fixed steps to re-impose the known region at; "
                         "use --sampler euler or heun")
@@ -151,14 +150,14 @@ def inpaint(net: torch.nn.Module, cfg: Config, known: torch.Tensor, fill: torch.
     count, per_image = known.shape[0], len(seeds)
     known_model = to_model_space(known) * cfg.assigner.image_scale  # [N, C, R, R], the data's model space
 
-    def options(start: int, noise: sampling.SeededNoise) -> dict:
+    def options(start: int, noise: SeededNoise) -> dict:
         rows = torch.arange(start, start + len(noise.generators)) // per_image  # input image of each edit
         return {"after_step": Reimpose(cfg.objective.kind, known_model[rows].to(device), fill[rows].to(device),
                                        noise.randn_like), "resample": resample}
 
-    edits = sampling.generate(net, cfg, [s for _ in range(count) for s in seeds], sampler=sampler, steps=steps,
-                              guidance=guidance, labels=None if label is None else [label] * count * per_image,
-                              batch=batch, device=device, sampler_options=options)  # [N * S, C, R, R]
+    edits = generate(net, cfg, [s for _ in range(count) for s in seeds], sampler=sampler, steps=steps,
+                     guidance=guidance, labels=None if label is None else [label] * count * per_image,
+                     batch=batch, device=device, sampler_options=options)  # [N * S, C, R, R]
     return edits.view(count, per_image, *edits.shape[1:])
 
 

@@ -1,6 +1,6 @@
 """`immiscible eval`: FID points for a run's checkpoints after training, idempotent and resumable.
 
-A checkpoint that already has a fid.jsonl row with the same settings (metrics.scorer.FID_SETTINGS) is skipped, so
+A checkpoint that already has a fid.jsonl row with the same settings (runs.FID_SETTINGS) is skipped, so
 re-running adds nothing and an interrupted eval continues where it stopped.
 
 An eval with checkpoints to score holds the run's lock (train.lock) while it scores and appends, and reads fid.jsonl
@@ -27,7 +27,8 @@ from .config import check_steps
 from .console import Bars, show_table
 from .files import check_writable
 from .metrics import FIDExtractor
-from .metrics.scorer import FIDScorer, append_fid_row, fid_settings, inception_precision, read_fid_rows
+from .metrics.scorer import FIDScorer, inception_precision
+from .runs import append_fid_row, fid_settings, read_fid_rows
 from .networks import load_network, pick_device
 from .sampling import sampling_config
 

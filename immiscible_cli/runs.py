@@ -7,8 +7,7 @@ A run directory describes itself (resolved config, provenance, append-only logs)
       meta.json        provenance: argv, versions, git SHA, device, start time
       log.txt          tee'd log, one fixed-field status line per tick
       metrics.jsonl    one row per tick (training statistics)
-      fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number (its rows:
-                       metrics/scorer.py)
+      fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number (below)
       checkpoints/     snapshot-000012.800kimg.pt (written atomically; owned by checkpoint.py)
       samples/         grid-000012.800kimg.png
       train.lock       held (flock) by the process training into this directory, or `eval` while it scores
@@ -16,18 +15,26 @@ A run directory describes itself (resolved config, provenance, append-only logs)
 
 `train` creates runs; `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl, holding
 train.lock while it scores, so it never runs beside a trainer or another eval of the run).
+
+A fid.jsonl row (written by metrics/scorer.py):
+    kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
+    reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
+    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
+    samples; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
+    generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
+    dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
+    sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
+    nfe (network evaluations per image, mean over batches), seconds (scoring time),
+    train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
+Only rows with equal `fid_settings` are comparable. Reading a run needs no torch (compare, study status).
 """
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import json
 import os
-import platform
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +43,7 @@ import yaml
 from .config import Config, load_run_config
 from .errors import UserError
 from .files import RowSchema, append_jsonl, read_jsonl, repair_jsonl, write_atomic, write_jsonl
+from .provenance import provenance
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -54,6 +62,38 @@ NUMBER, NUMBER_OR_NULL, INTEGER = ("number",), ("number", "null"), ("integer",)
 METRICS_ROW = RowSchema(required={"kimg": NUMBER}, optional={"loss": NUMBER, "img_per_s": NUMBER, "train_s": NUMBER})
 FID_ROW = RowSchema(required={"kimg": NUMBER, "fid": NUMBER},
                     optional={"num_images": INTEGER, "kid": NUMBER, "seconds": NUMBER, "train_s": NUMBER_OR_NULL})
+
+
+# The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
+FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights",
+                "inception_precision")
+# Settings added later, with the value every row written before them had: a row lacking one means this value.
+SETTING_DEFAULTS: dict[str, Any] = {
+    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"},
+    "inception_precision": "fp32"}
+
+
+def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fid.jsonl row that must match for two FIDs to be comparable (settings added later filled in
+    with SETTING_DEFAULTS, so older rows stay comparable)."""
+    settings = {key: row.get(key, None if isinstance(SETTING_DEFAULTS.get(key), dict) else SETTING_DEFAULTS.get(key))
+                for key in FID_SETTINGS}
+    for key, defaults in SETTING_DEFAULTS.items():
+        if isinstance(defaults, dict) and isinstance(settings[key], dict):
+            settings[key] = {**defaults, **settings[key]}
+    return settings
+
+
+def read_fid_rows(run: Run) -> list[dict[str, Any]]:
+    """The run's fid.jsonl rows in file order (sort by kimg where order matters). A row that is not an object or
+    lacks a number `kimg` or `fid` (runs.FID_ROW) is a FileFormatError naming the line; a cut-off last line is
+    ignored with a warning."""
+    return read_jsonl(run.fid_path(), FID_ROW)
+
+
+def append_fid_row(run: Run, row: dict[str, Any]) -> None:
+    """Append one row (after moving a cut-off last line aside); the caller holds the run's lock."""
+    append_jsonl(run.fid_path(), row)
 
 
 def kimg_tag(kimg: float) -> str:
@@ -214,12 +254,17 @@ def create_run_at(path: Path, config: Config, argv: list[str] | None = None, dev
     return _populate(path, config, argv, device)
 
 
+def holds_run(path: Path) -> bool:
+    """Whether `path` holds a whole run (its config.yaml, written last: a half-made directory does not)."""
+    return (Path(path) / CONFIG).is_file()
+
+
 def check_new_run_dir(path: Path) -> None:
     """A RunError, before anything is written, unless `path` can become a new run: a folder that does not exist yet,
     an empty one, or one a crashed `create_run_at` left half made. A run, a file or a folder holding anything else
     is refused and left untouched."""
     path = Path(path)
-    if (path / CONFIG).exists():
+    if (path / CONFIG).exists():  # not holds_run: a config.yaml that is not a file is refused too
         raise RunError(f"{path}: already holds a run")
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: it is a file, not a folder; choose a new or empty folder for --run-dir")
@@ -263,41 +308,3 @@ def latest_run(root: Path | str = "runs") -> Run:
     if not runs:
         raise RunError(f"{root}: no runs found; train one with `immiscible train` or name a run directory")
     return Run(runs[-1][1])
-
-
-def provenance(argv: list[str] | None, device: str) -> dict[str, Any]:
-    """meta.json: what produced this run."""
-    import torch
-
-    from . import __version__
-
-    return {
-        "argv": list(argv if argv is not None else sys.argv),
-        "cwd": os.getcwd(),
-        "immiscible_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        **git_state(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def git_state(here: Path | None = None) -> dict[str, Any]:
-    """The checkout the package runs from (an installed wheel has none): `git_sha`, its HEAD, and `git_dirty`,
-    whether the package's tracked files differ from it (uncommitted edits then shaped the run too; files git does
-    not track are not counted); None when unknown."""
-    here = Path(here or Path(__file__).resolve().parent)
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".") if sha else None
-    return {"git_sha": sha, "git_dirty": None if changes is None else bool(changes)}

@@ -3,7 +3,7 @@
 The trainer adds every paired noise batch to `NoiseMoments` (float64 sums over the whole run: the mean image and
 the mean |n|^2 / D), keeps them in every snapshot (`noise_moments`) and in the kept network, reduced over the
 processes. A network loaded from such a file carries them as an attribute (`attach`), so every user of
-`sampling.generate` (FID, grids, `sample`, in-painting) starts where `cfg.sample.start` says:
+`generation.generate` (FID, grids, `sample`, in-painting) starts where `cfg.sample.start` says:
 - `standard`: x_T = start_std * z, z ~ N(0, I) (the papers');
 - `matched`: x_T = m + s * start_std * z, with m the mean noise image and s^2 = E|n|^2/D - |m|^2/D, i.e. the
   isotropic Gaussian with the training noise's mean image and its mean squared norm.

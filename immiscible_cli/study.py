@@ -26,7 +26,7 @@ from . import runs
 from .config import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, Config, ConfigError, changed_fields, load_config,
                      read_yaml, resumable, with_overrides)
 from .errors import UserError
-from .files import read_jsonl, write_atomic
+from .files import write_atomic
 
 DEFAULT_ROOT = Path("runs")
 
@@ -123,8 +123,8 @@ def status(study: Study, out: Path) -> list[dict[str, Any]]:
     rows = []
     for name, seed in study.members():
         cfg, path = study.config(name, seed), run_dir(out, name, seed)
-        metrics = read_jsonl(path / runs.METRICS, runs.METRICS_ROW)
-        fid = read_jsonl(path / runs.FID, runs.FID_ROW)
+        run = runs.Run(path)  # maybe not made yet: no rows then
+        metrics, fid = run.metrics(), runs.read_fid_rows(run)
         every, total = round(cfg.eval.every_kimg * 1000), round(cfg.train.total_kimg * 1000)  # in images
         due = total // every if 0 < every <= total else 0
         points = {round(float(r["kimg"]) * 1000) // every for r in fid if every > 0 and "kimg" in r}
@@ -162,12 +162,12 @@ def estimate_seconds(rows: list[dict[str, Any]]) -> float | None:
 def run_study(study: Study, source: Path, out: Path, *, console: Console, inception: Path | None = None) -> Path:
     """Train every unfinished member and add its rescore points, then write the comparison; returns the report's
     path."""
-    from .assigners import check_available
+    from .trainer import check_before_work
 
     rows = status(study, out)
     extended = [_extended(study.config(r["run"], r["seed"]), Path(r["path"])) for r in rows]  # refuse before work
     for row in rows:  # an optional solver that is not installed fails before any work
-        check_available(study.config(row["run"], row["seed"]).assigner)
+        check_before_work(study.config(row["run"], row["seed"]))
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "study.yaml", Path(source).read_bytes())
     for row, extend in zip(rows, extended):
@@ -180,18 +180,13 @@ def run_study(study: Study, source: Path, out: Path, *, console: Console, incept
 def _train(study: Study, row: dict[str, Any], extend: bool, source: Path, out: Path, console: Console,
            inception: Path | None) -> None:
     """Train (or continue) one member, with its FID points, logging start and end in study.log."""
-    from . import trainer
-    from .console import Bars
-    from .metrics.scorer import training_scorer
-    from .networks import pick_device
+    from .train_setup import train_run
 
     cfg = study.config(row["run"], row["seed"])
     began = time.time()
     _log(out, f"start {row['run']} seed {row['seed']} at {row['kimg']:g} of {row['total_kimg']:g} kimg")
-    with Bars(console) as bars:
-        scorer = training_scorer(cfg, pick_device(cfg.train.device), inception=inception, progress=bars)
-    trainer.train(cfg, out_root=out / "runs", run_dir=Path(row["path"]), scorer=scorer,
-                  resume=extend, argv=["immiscible", "study", str(source)], console=console)
+    train_run(cfg, out_dir=out / "runs", run_dir=Path(row["path"]), resume=extend, inception=inception,
+              argv=["immiscible", "study", str(source)], console=console)
     _log(out, f"done {row['run']} seed {row['seed']} in {time.time() - began:.0f} s")
 
 
@@ -220,7 +215,7 @@ def _extended(cfg: Config, path: Path) -> bool:
     """True when the run at `path` was started with a config that differs from `cfg` only in fields a started run
     may change (a study file edited to train longer, say): it is then continued with the new values. A change to
     any other field is refused, naming it."""
-    if not (path / runs.CONFIG).is_file():
+    if not runs.holds_run(path):
         return False
     changed = changed_fields(runs.open_run(path).config(), cfg)
     fixed = [field for field in changed if not resumable(field)]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .assigners import AssignerConfig
+from .assigners import AssignerConfig, waits_for_host
 from .assigners.meter import Measurement, PairingMeter
 from .config import Config
 from .data import BatchStream
@@ -31,9 +31,9 @@ Drawn = tuple[Tensor, Tensor, Tensor, Measurement]  # x0' [b, C, H, W], labels [
 
 
 def ahead_of_step(cfg: Config, world: int) -> bool:
-    """Whether pairing runs one step ahead: linear assignment (the rule that waits for the host) on one process.
+    """Whether pairing runs one step ahead: a rule that waits for the host (linear assignment) on one process.
     With several, linear's `global` scope gathers images through collectives, which must not run beside DDP's."""
-    return cfg.assigner.name == "linear" and world == 1
+    return waits_for_host(cfg.assigner) and world == 1
 
 
 class _Worker(threading.Thread):

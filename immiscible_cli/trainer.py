@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import assigners, checkpoint, distributed, loggers, runs, start_noise, train_batches, train_ranks
-from .assigners import shard
+from .assigners.shard import Shard
 from .assigners.meter import PairingMeter
 from .config import Config
 from .data import BatchStream, ImageSet, check_classes, fits_on_gpu, load_images, mean_image, tensor_digest
@@ -37,7 +37,7 @@ from .errors import EXIT_NON_FINITE, UserError, lowers_on_oom
 from .images import grid_image, save_png
 from .networks import build_network, expected_snapshot, pick_device
 from .objectives import build_objective
-from .sampling import generate
+from .generation import generate
 from .train_batches import PairedBatches
 from .train_report import Reporter
 
@@ -88,7 +88,7 @@ class TrainingLoop:
         # Several processes (train_ranks.py): this rank's rows of every global batch, micro-batches of `micro`.
         self.rank, self.world, self.batch = distributed.rank(), distributed.world(), t.batch_size
         self.share, self.micro = train_ranks.split_batch(cfg, self.world)
-        self.shard = shard.Shard(self.rank, self.world, self.batch) if self.world > 1 else None
+        self.shard = Shard(self.rank, self.world, self.batch) if self.world > 1 else None
         self.notes: list[str] = []  # for log.txt: settings ignored here, how a resume restored the random streams
         torch.manual_seed(cfg.seed)  # weights init from the run seed ...
         self.net = build_network(cfg).to(device).train()
@@ -117,8 +117,7 @@ class TrainingLoop:
         self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident,
                                   self.shard.rows if self.shard else None)
         self.center = self.data_mean(data)  # the data mean KNN's `centred` score needs; None for other rules
-        pair_fn = functools.partial(shard.pair, shard=self.shard) if self.shard else assigners.pair
-        self.meter = PairingMeter(device, functools.partial(pair_fn, center=self.center))
+        self.meter = PairingMeter(device, functools.partial(assigners.pair, center=self.center, shard=self.shard))
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         self.moments = start_noise.NoiseMoments.zeros(shape, device)  # this process's share since the start
         self.batches = PairedBatches(self.stream, self.meter, cfg.assigner, self.generators, device,
@@ -436,22 +435,28 @@ def peak_memory_mib(device: torch.device) -> float:
 # entry point
 
 
+def check_before_work(cfg: Config) -> None:
+    """What fails before any work or write: an optional solver (assigner) or logger extra that is not installed,
+    a batch the processes cannot share (train_ranks.split_batch)."""
+    assigners.check_available(cfg.assigner)
+    loggers.check_available(cfg.train.loggers)
+    train_ranks.split_batch(cfg, distributed.world())
+
+
 def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool = False,
           scorer: Scorer | None = None, argv: list[str] | None = None, console=None) -> runs.Run:
     """Train `cfg` into a new numbered run under out_root, or into run_dir: continued when it already holds this
     run (or, with resume=True, that run with the fields RESUMABLE_OVERRIDES allows changed). `scorer`, when given,
     makes an FID point every cfg.eval.every_kimg; its rows go to the run's fid.jsonl."""
-    from .metrics.scorer import append_fid_row, read_fid_rows
+    from .runs import append_fid_row, read_fid_rows
 
     device = pick_device(cfg.train.device)
-    assigners.check_available(cfg.assigner)  # an optional solver that is missing fails before anything is written
-    loggers.check_available(cfg.train.loggers)  # and so does a logger's extra
+    check_before_work(cfg)
     data = load_images(cfg.data)  # a missing dataset fails here, before any directory is made
     try:
         check_classes(data, cfg.model.num_classes)  # a conditional model needs a class for every image's label
     except UserError as e:
         raise distributed.everywhere(e) from None
-    train_ranks.split_batch(cfg, distributed.world())  # a batch that does not split fails before any write
     run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
     with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
         loop = TrainingLoop(cfg, run, data, device, scorer,
@@ -476,7 +481,7 @@ def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: b
     world = distributed.world()
     if run_dir is None:
         return train_ranks.record_processes(runs.create_run(out_root, cfg, argv, str(device)), cfg, world)
-    if resume or (Path(run_dir) / runs.CONFIG).is_file():
+    if resume or runs.holds_run(run_dir):
         run = runs.open_run(run_dir)
         if not resume and run.config().digest() != cfg.digest():
             raise UserError(f"{run_dir}: holds a run with another config; continue it with `immiscible train "

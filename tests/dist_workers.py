@@ -85,7 +85,7 @@ def cli_errors(root: Path) -> dict[str, tuple[int, str]]:
 
 def pairings(rank: int, world: int) -> dict[str, torch.Tensor]:
     """This rank's noise for its rows of `pairing_batch()`, per rule, from a generator seeded 7."""
-    from immiscible_cli.assigners import shard
+    from immiscible_cli.assigners import pair, shard
 
     part = shard.Shard(rank, world, 8)
     x = pairing_batch()[part.rows]
@@ -94,7 +94,7 @@ def pairings(rank: int, world: int) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # knn_chunked is below its minimum budget, on purpose
         for name in PAIRINGS:
             stats: dict = {}
-            found[name] = shard.pair(x, assigner(name), torch.Generator().manual_seed(7), stats, shard=part)[1]
+            found[name] = pair(x, assigner(name), torch.Generator().manual_seed(7), stats, shard=part)[1]
             assert set(stats) == {"pair_dist", "random_dist", "noise_sqnorm"}
     return found
 

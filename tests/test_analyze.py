@@ -188,7 +188,7 @@ def test_run_mode_measures_a_trained_run(trained_run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("noise", ["per-image", "counter"])
 def test_unperturbed_samples_are_the_sample_commands(trained_run, noise):
-    from immiscible_cli import runs, sampling
+    from immiscible_cli import generation, runs
     from immiscible_cli.data import to_uint8
     from immiscible_cli.networks import load_network
 
@@ -197,7 +197,7 @@ def test_unperturbed_samples_are_the_sample_commands(trained_run, noise):
         pytest.skip("this config has no sample.noise")
     cfg.sample.noise = noise
     made = run_mode.perturbed_samples(net, cfg, [0, 1, 2], 0.0, sampler="ddim", steps=2, device=torch.device("cpu"))
-    expected = sampling.generate(net, cfg, [0, 1, 2], sampler="ddim", steps=2, guidance=cfg.sample.guidance)
+    expected = generation.generate(net, cfg, [0, 1, 2], sampler="ddim", steps=2, guidance=cfg.sample.guidance)
     assert torch.equal(to_uint8(made), expected)
     moved = run_mode.perturbed_samples(net, cfg, [0, 1, 2], 0.2, sampler="ddim", steps=2, device=torch.device("cpu"))
     assert not torch.equal(moved, made)

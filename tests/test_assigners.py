@@ -227,6 +227,71 @@ def test_decode_inverts_image_scale_and_clamps():
     assert decode(torch.tensor([-8.0, -2.0, 2.0, 8.0]), cfg).tolist() == [-1.0, -0.5, 0.5, 1.0]
 
 
+# ---- several processes: each rule's sharded form ----------------------------------------------------------------
+
+class SimulatedRanks:
+    """`distributed`'s collectives for ranks run one after the other in this process. Every rank runs twice: the
+    first round records what each rank gathers, the second sees every rank's tensor; `broadcast` hands rank 0's."""
+
+    def __init__(self, world: int):
+        self.world, self.rank = world, 0
+        self.gathered: dict[int, torch.Tensor] = {}
+        self.sent: torch.Tensor | None = None
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.gathered[self.rank] = x.clone()
+        return [self.gathered.get(r, torch.zeros_like(x)) for r in range(self.world)]
+
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            self.sent = tensor.clone()
+        return self.sent.clone()
+
+
+def rule_configs() -> list[tuple[str, typing.Any]]:
+    """Every registered rule at its defaults, plus the settings with a sharded path of their own."""
+    found = [(name, config.ASSIGNER_SECTIONS[name]()) for name in ASSIGNERS]
+    return found + [("knn-centred", KNNAssigner(k=5, knn_score="centred")), ("knn-direction-scaled",
+                    KNNAssigner(k=3, knn_score="direction", image_scale=2.0)),
+                    ("knn-chunked", KNNAssigner(k=5, memory_budget_mib=1e-3)),
+                    ("linear-fp16-scaled", LinearAssigner(quantize="fp16", image_scale=2.0))]
+
+
+@pytest.mark.filterwarnings("ignore:knn. memory_budget_mib")
+@pytest.mark.parametrize("name,cfg", rule_configs(), ids=[name for name, _ in rule_configs()])
+def test_every_rule_on_two_simulated_ranks_is_the_one_process_rule(monkeypatch, name, cfg):
+    from immiscible_cli import distributed
+    from immiscible_cli.assigners import needs_center
+    from immiscible_cli.assigners.shard import Shard
+
+    world, x0 = 2, images(8)
+    center = x0.mean(dim=0) * cfg.image_scale if needs_center(cfg) else None  # [C, H, W]
+    ranks = SimulatedRanks(world)
+    for attribute in ("all_gather", "is_main", "broadcast"):
+        monkeypatch.setattr(distributed, attribute, getattr(ranks, attribute))
+    for _ in range(2):  # round 1 fills the gathers, round 2 is compared
+        shares = []
+        for ranks.rank in range(world):
+            part, stats = Shard(ranks.rank, world, 8), {}
+            shares.append(pair(x0[part.rows], cfg, gen(7), stats, center, shard=part))
+            assert set(stats) == {"pair_dist", "random_dist", "noise_sqnorm"}
+    x_alone, noise_alone = pair(x0, cfg, gen(7), center=center)
+    assert torch.equal(torch.cat([x for x, _ in shares]), x_alone)
+    assert torch.equal(torch.cat([noise for _, noise in shares]), noise_alone), name
+    assert not torch.equal(noise_alone, pair(x0, cfg, gen(8), center=center)[1])  # the seed matters: not vacuous
+
+
+def test_rule_properties_come_from_the_rule():
+    from immiscible_cli.assigners import needs_center, waits_for_host
+
+    assert [name for name in ASSIGNERS if waits_for_host(config.ASSIGNER_SECTIONS[name]())] == ["linear"]
+    assert needs_center(KNNAssigner(k=2, knn_score="centred"))
+    assert not needs_center(KNNAssigner(k=1, knn_score="centred")) and not needs_center(LinearAssigner())
+
+
 # ---- goldens ----------------------------------------------------------------------------------------------------
 # Tiny seeded input per rule: every 9th noise value and the stats. Tolerance 1e-5 (absolute). They pin the random
 # stream and the pairing; change them only on purpose: `python tests/test_assigners.py` prints fresh values.

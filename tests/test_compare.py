@@ -308,3 +308,29 @@ def test_library_entry_raises_compare_error(pair: tuple[Path, Path]) -> None:
     with pytest.raises(CompareError, match="positive"):
         compare.main(list(pair), target=0.0, baseline=None, plot=None, fmt="table", strict=False, out=console,
                      err=console)
+
+
+TORCH_FREE = """
+import json, sys
+from typer.testing import CliRunner
+from immiscible_cli.cli import app
+for args in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (args, result.output)
+loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+assert not loaded, loaded[:5]
+print("ok")
+"""
+
+
+def test_compare_and_presets_import_no_torch(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base, knn = pair
+    commands = [["compare", str(base), str(knn), "--json"], ["compare", str(base), str(knn), "--plot",
+                                                               str(tmp_path / "curves.png")],
+                ["presets"], ["presets", "show", "cifar10-knn"]]
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -27,7 +27,7 @@ from immiscible_cli.assigners import linear
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import UserError
-from immiscible_cli.metrics.scorer import read_fid_rows
+from immiscible_cli.runs import read_fid_rows
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -14,7 +14,7 @@ from immiscible_cli.cli import app
 from immiscible_cli.compare_runs import choose_fid_rows
 from immiscible_cli.config import load_config
 from immiscible_cli.metrics import FIDExtractor, WeightsInfo
-from immiscible_cli.metrics.scorer import FID_SETTINGS, read_fid_rows
+from immiscible_cli.runs import FID_SETTINGS, read_fid_rows
 
 runner = CliRunner()
 FID_SET = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",

@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import StubNetwork
 
-from immiscible_cli import networks, sampling
+from immiscible_cli import generation, networks, sampling
 from immiscible_cli.config import load_config
 from immiscible_cli.counter_noise import CounterNoise, counter_normal, philox4x32
 from immiscible_cli.metrics import FIDExtractor, ReferenceKey, WeightsInfo, frechet_distance, frechet_distance_eigh
-from immiscible_cli.metrics.scorer import fid_settings, inception_precision, sampling_settings
+from immiscible_cli.metrics.scorer import inception_precision, sampling_settings
+from immiscible_cli.runs import fid_settings
 
 
 def words(values: list[int]) -> list[torch.Tensor]:
@@ -64,19 +65,19 @@ def test_generate_with_counter_noise_in_batches_of_1_7_and_64(tiny):
     cfg = load_config("quickstart", tiny + ["sample.noise=counter"])
     net = random_net(cfg)
     seeds = list(range(9))  # batches of 7 leave a batch of 2; batches of 64 hold them all
-    images = {size: sampling.generate(net, cfg, seeds, sampler="euler", steps=2, batch=size) for size in (1, 7, 64)}
+    images = {size: generation.generate(net, cfg, seeds, sampler="euler", steps=2, batch=size) for size in (1, 7, 64)}
     assert (images[1].int() - images[64].int()).abs().max() <= 1  # equal up to a rounding flip at .5
     assert (images[7].int() - images[64].int()).abs().max() <= 1
     assert (images[1] == images[64]).float().mean() > 0.999
-    per_image = sampling.generate(net, load_config("quickstart", tiny), seeds[:4], sampler="euler", steps=2)
+    per_image = generation.generate(net, load_config("quickstart", tiny), seeds[:4], sampler="euler", steps=2)
     assert not torch.equal(per_image, images[64][:4])  # the default noise is untouched, and different
 
 
 def test_bf16_sampling_stays_close_to_fp32(tiny):
     cfg = load_config("quickstart", tiny)
     net = random_net(cfg)
-    fp32 = sampling.generate(net, cfg, list(range(8)), sampler="euler", steps=2)
-    bf16 = sampling.generate(net, cfg, list(range(8)), sampler="euler", steps=2, precision="bf16")
+    fp32 = generation.generate(net, cfg, list(range(8)), sampler="euler", steps=2)
+    bf16 = generation.generate(net, cfg, list(range(8)), sampler="euler", steps=2, precision="bf16")
     assert bf16.dtype == torch.uint8 and bf16.shape == fp32.shape
     assert (bf16.int() - fp32.int()).abs().float().mean() < 2.0  # uint8 levels; bf16 has 8 mantissa bits
 
@@ -138,7 +139,7 @@ def test_start_std_scales_only_the_starting_noise_and_is_recorded(tiny, monkeypa
     base = load_config("quickstart", tiny)
     smaller = load_config("quickstart", tiny + ["sample.start_std=0.5"])
     starts = []
-    real_build = sampling.build_objective
+    real_build = generation.build_objective
 
     def capturing(cfg):
         objective = real_build(cfg)
@@ -149,10 +150,10 @@ def test_start_std_scales_only_the_starting_noise_and_is_recorded(tiny, monkeypa
             return real_sample(net, noise, **kwargs)
         objective.sample = sample
         return objective
-    monkeypatch.setattr(sampling, "build_objective", capturing)
+    monkeypatch.setattr(generation, "build_objective", capturing)
     net = random_net(base)
-    first = sampling.generate(net, base, [3, 4], sampler="euler", steps=2)
-    second = sampling.generate(net, smaller, [3, 4], sampler="euler", steps=2)
+    first = generation.generate(net, base, [3, 4], sampler="euler", steps=2)
+    second = generation.generate(net, smaller, [3, 4], sampler="euler", steps=2)
     assert torch.equal(starts[1], starts[0] * 0.5)  # x_T ~ N(0, 0.25 I): the same draw, scaled
     assert not torch.equal(first, second)
     assert sampling_settings(smaller, "euler")["start_std"] == 0.5

@@ -94,7 +94,7 @@ def test_two_ranks_pair_as_one_process(score):
     x, mean = dark_background(8)
     cfg = KNNAssigner(k=6, knn_score=score, image_scale=2.0)
     one_x, one = pair(x, cfg, gen(9), center=mean * 2.0)
-    parts = [shard.pair(x[r * 4:(r + 1) * 4], cfg, gen(9), None, mean * 2.0, shard=shard.Shard(r, 2, 8))
+    parts = [pair(x[r * 4:(r + 1) * 4], cfg, gen(9), None, mean * 2.0, shard=shard.Shard(r, 2, 8))
              for r in range(2)]
     assert torch.equal(torch.cat([p[1] for p in parts]), one)
     assert torch.equal(torch.cat([p[0] for p in parts]), one_x)

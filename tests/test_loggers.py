@@ -16,7 +16,7 @@ from conftest import train_with_fid
 from immiscible_cli import loggers, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
-from immiscible_cli.metrics.scorer import read_fid_rows
+from immiscible_cli.runs import read_fid_rows
 
 # 8-image ticks, a snapshot and a 4-image stub FID point every 16 images, 32 images in all.
 FID = ["eval.every_kimg=0.016", "eval.num_images=4", "eval.steps=2", "eval.reference_images=10",

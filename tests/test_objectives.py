@@ -327,7 +327,7 @@ def test_one_ddim_step_with_clipping_by_hand() -> None:
 
 def test_dopri5_matches_the_exact_solution_and_counts_its_evaluations() -> None:
     # v(x, t) = t - x (t = net time / 999): x(t) = t - 1 + (x(0) + 1) e^-t, so x(1) = (noise + 1) / e.
-    from immiscible_cli.sampling import CountingNet
+    from immiscible_cli.generation import CountingNet
 
     calls = []
 
@@ -359,7 +359,7 @@ def test_dopri5_applies_guidance_to_the_velocity() -> None:
     (FLOW_OBJECTIVE, "heun", 13),
 ])
 def test_counting_net_counts_one_call_per_guided_prediction(objective: DDPM | Flow, sampler: str, nfe: int) -> None:
-    from immiscible_cli.sampling import CountingNet
+    from immiscible_cli.generation import CountingNet
 
     counting = CountingNet(LabelScaledNet())
     assert counting.num_classes == 3  # guidance finds the null label through the wrapper

@@ -17,7 +17,7 @@ from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
-from immiscible_cli import evaluate, networks, sampling, trainer
+from immiscible_cli import evaluate, generation, networks, sampling, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import EnvironmentFailure, OutOfMemory, UserError, is_out_of_memory, names_memory_field
@@ -147,7 +147,7 @@ def test_sample_files_and_grid_hold_what_generate_makes(trained_run, tmp_path, m
     assert result.exit_code == 0, result.output
     assert "wrote g.png (the first 2 of 4 images)" in result.output
     net, cfg, _, _ = networks.load_network(trained_run, "latest", True, torch.device("cpu"))
-    expected = sampling.generate(net, cfg, [3, 4, 5, 9], sampler=cfg.sample.sampler, steps=2, batch=3)
+    expected = generation.generate(net, cfg, [3, 4, 5, 9], sampler=cfg.sample.sampler, steps=2, batch=3)
     for seed, image in zip([3, 4, 5, 9], expected):
         saved = torch.from_numpy(np.array(Image.open(tmp_path / "imgs" / f"seed{seed:06d}.png")))
         assert torch.equal(saved, image[0])  # 1 channel: PNG mode L
@@ -157,14 +157,14 @@ def test_sample_files_and_grid_hold_what_generate_makes(trained_run, tmp_path, m
 
 def test_sample_batches_are_made_only_when_asked_for(tiny):
     cfg = load_config("quickstart", tiny)
-    net = sampling.CountingNet(networks.build_network(cfg).eval())
+    net = generation.CountingNet(networks.build_network(cfg).eval())
     batches = sampling.sample_batches(net, cfg, sampling.parse_seeds(None, 1_000_000_000), batch=4,
                                       sampler="euler", steps=2)
     assert net.calls == 0
     first = list(itertools.islice(batches, 2))
     assert net.calls == 4  # two batches of two Euler steps, of the billion asked for
     assert [seeds for seeds, _ in first] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    together = sampling.generate(net, cfg, list(range(8)), sampler="euler", steps=2, batch=4)
+    together = generation.generate(net, cfg, list(range(8)), sampler="euler", steps=2, batch=4)
     assert torch.equal(torch.cat([images for _, images in first]), together)
 
 

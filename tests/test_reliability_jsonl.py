@@ -20,7 +20,7 @@ from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import UserError
 from immiscible_cli.metrics import FIDExtractor, WeightsInfo, scorer
-from immiscible_cli.metrics.scorer import append_fid_row, read_fid_rows
+from immiscible_cli.runs import append_fid_row, read_fid_rows
 
 runner = CliRunner()
 FID_SET = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",

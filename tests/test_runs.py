@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from immiscible_cli import runs
-from immiscible_cli.metrics.scorer import append_fid_row, fid_settings, read_fid_rows
+from immiscible_cli import provenance, runs
+from immiscible_cli.runs import append_fid_row, fid_settings, read_fid_rows
 from immiscible_cli.config import load_config
 
 
@@ -24,7 +24,7 @@ def test_numbered_runs_never_collide(tmp_path):
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_state_names_the_commit_and_uncommitted_edits(tmp_path):
     """meta.json's git_sha is the package checkout's HEAD; git_dirty says whether its files had edits not in it."""
-    assert runs.git_state(tmp_path) == {"git_sha": None, "git_dirty": None}  # not a checkout: unknown
+    assert provenance.git_state(tmp_path) == {"git_sha": None, "git_dirty": None}  # not a checkout: unknown
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "mod.py").write_text("x = 1\n")
@@ -37,12 +37,12 @@ def test_git_state_names_the_commit_and_uncommitted_edits(tmp_path):
     git("add", ".")
     git("commit", "-qm", "one")
     head = git("rev-parse", "HEAD")
-    assert runs.git_state(package) == {"git_sha": head, "git_dirty": False}
+    assert provenance.git_state(package) == {"git_sha": head, "git_dirty": False}
     (tmp_path / "elsewhere.txt").write_text("outside the package: not counted\n")
     (package / "new.py").write_text("untracked: not counted\n")
-    assert runs.git_state(package)["git_dirty"] is False
+    assert provenance.git_state(package)["git_dirty"] is False
     (package / "mod.py").write_text("x = 2\n")
-    assert runs.git_state(package) == {"git_sha": head, "git_dirty": True}
+    assert provenance.git_state(package) == {"git_sha": head, "git_dirty": True}
 
 
 def test_round_trip(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import TINY
 from typer.testing import CliRunner
 
-from immiscible_cli import networks, sampling, trainer
+from immiscible_cli import generation, networks, sampling, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.data import to_uint8
@@ -32,8 +32,8 @@ def test_image_i_does_not_depend_on_the_batch(tiny, preset, sampler):
     cfg = load_config(preset, tiny + ["data.source=embedded", "sample.eta=0.5"])
     net = random_net(cfg)
     seeds = [7, 3, 11, 0, 5]
-    alone = torch.cat([sampling.generate(net, cfg, [s], sampler=sampler, steps=3, batch=1) for s in seeds])
-    together = sampling.generate(net, cfg, seeds, sampler=sampler, steps=3, batch=2)
+    alone = torch.cat([generation.generate(net, cfg, [s], sampler=sampler, steps=3, batch=1) for s in seeds])
+    together = generation.generate(net, cfg, seeds, sampler=sampler, steps=3, batch=2)
     assert alone.dtype == torch.uint8 and alone.shape == (5, 1, 16, 16)
     assert (alone.int() - together.int()).abs().max() <= 1  # equal up to a rounding flip at .5
     assert (alone == together).float().mean() > 0.999
@@ -54,8 +54,8 @@ class ZeroVelocity(torch.nn.Module):
 @pytest.mark.parametrize("scale", [1.0, 2.0, 4.0])
 def test_samples_are_decoded_by_the_assigner(tiny, scale):
     cfg = load_config("quickstart", tiny + [f"assigner.image_scale={scale}"])
-    images = sampling.generate(ZeroVelocity(), cfg, [0, 1], sampler="euler", steps=2)
-    noise = sampling.SeededNoise([0, 1], torch.device("cpu")).randn_like(torch.empty(2, 1, 16, 16))
+    images = generation.generate(ZeroVelocity(), cfg, [0, 1], sampler="euler", steps=2)
+    noise = generation.SeededNoise([0, 1], torch.device("cpu")).randn_like(torch.empty(2, 1, 16, 16))
     assert torch.equal(images, to_uint8((noise / scale).clamp(-1, 1)))
 
 
@@ -80,13 +80,13 @@ def test_generate_passes_the_sampling_options(tiny, monkeypatch):
         monkeypatch.setattr(cls, "sample", lambda self, *a, _o=original, **kw: seen.append(kw) or _o(self, *a, **kw))
     ddpm = load_config("fmnist-knn", tiny + ["assigner.image_scale=2", "sample.ddim_grid=stride",
                                              "sample.ode_atol=1e-3", "sample.ode_rtol=1e-2"])
-    sampling.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
+    generation.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
     assert (seen[-1]["clip_x0"], seen[-1]["grid"], seen[-1]["atol"], seen[-1]["rtol"]) == (2.0, "stride", 1e-3, 1e-2)
     ddpm.sample.clip_x0 = False
-    sampling.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
+    generation.generate(OutwardEps(), ddpm, [0], sampler="ddim", steps=2)
     assert seen[-1]["clip_x0"] is None
     flow = load_config("quickstart", tiny + ["sample.ode_atol=1e-5", "sample.ode_rtol=1e-6"])
-    sampling.generate(ZeroVelocity(), flow, [0], sampler="dopri5", steps=2)
+    generation.generate(ZeroVelocity(), flow, [0], sampler="dopri5", steps=2)
     assert (seen[-1]["atol"], seen[-1]["rtol"], seen[-1]["clip_x0"]) == (1e-5, 1e-6, 1.0)  # flow ignores the clip
 
 
@@ -113,7 +113,7 @@ def test_clip_at_the_image_scale_keeps_decoded_samples_valid(tiny, sampler):
     assert cfg.sample.clip_x0
     point = torch.linspace(-1.9, 1.9, 256, dtype=torch.float64).view(1, 1, 16, 16)
     net = PointMassEps(point, DDPM(cfg.objective).alpha_bar)
-    images = sampling.generate(net, cfg, [0, 1], sampler=sampler, steps=3)
+    images = generation.generate(net, cfg, [0, 1], sampler=sampler, steps=3)
     expected = to_uint8((point / 2).float()).expand_as(images)
     assert (images.int() - expected.int()).abs().max() <= 1  # up to a rounding flip at .5
     assert images.min() <= 7 and images.max() >= 248  # the whole range, none of it clipped away
@@ -125,9 +125,9 @@ def test_clip_at_the_image_scale_keeps_decoded_samples_valid(tiny, sampler):
                                                         ("quickstart", "dopri5", None)])
 def test_generate_records_the_nfe_of_each_batch(tiny, preset, sampler, per_batch):
     cfg = load_config(preset, tiny)
-    net = sampling.CountingNet(OutwardEps())  # a cheap analytic net: the counts do not depend on the net
+    net = generation.CountingNet(OutwardEps())  # a cheap analytic net: the counts do not depend on the net
     nfe = []
-    images = sampling.generate(net, cfg, [0, 1, 2, 3, 4], sampler=sampler, steps=3, batch=2, nfe=nfe)
+    images = generation.generate(net, cfg, [0, 1, 2, 3, 4], sampler=sampler, steps=3, batch=2, nfe=nfe)
     assert images.shape == (5, 1, 16, 16) and len(nfe) == 3  # batches of 2, 2, 1
     assert sum(nfe) == net.calls  # an outer counter sees the same calls
     if per_batch is not None:
@@ -138,8 +138,8 @@ def test_generate_records_the_nfe_of_each_batch(tiny, preset, sampler, per_batch
 
 def test_dopri5_through_generate(tiny):
     cfg = load_config("quickstart", tiny)
-    images = sampling.generate(ZeroVelocity(), cfg, [0, 1], sampler="dopri5", steps=2)
-    noise = sampling.SeededNoise([0, 1], torch.device("cpu")).randn_like(torch.empty(2, 1, 16, 16))
+    images = generation.generate(ZeroVelocity(), cfg, [0, 1], sampler="dopri5", steps=2)
+    noise = generation.SeededNoise([0, 1], torch.device("cpu")).randn_like(torch.empty(2, 1, 16, 16))
     assert torch.equal(images, to_uint8(noise.clamp(-1, 1)))  # v = 0: the sample is its noise
 
 

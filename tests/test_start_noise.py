@@ -16,7 +16,7 @@ from immiscible_cli import checkpoint, runs, start_noise, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.evaluate import evaluate_runs
-from immiscible_cli.metrics.scorer import read_fid_rows
+from immiscible_cli.runs import read_fid_rows
 
 runner = CliRunner()
 FID = ["eval.num_images=6", "eval.steps=2", "eval.reference_images=10", "eval.batch_size=4"]

@@ -20,7 +20,7 @@ from immiscible_cli import checkpoint, runs
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.metrics import scorer as scorer_mod
-from immiscible_cli.metrics.scorer import read_fid_rows
+from immiscible_cli.runs import read_fid_rows
 
 runner = CliRunner()
 FID = ["eval.every_kimg=0.016", "eval.num_images=6", "eval.steps=2", "eval.reference_images=10",

@@ -13,7 +13,7 @@ from conftest import train_with_fid
 from immiscible_cli import checkpoint, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
-from immiscible_cli.metrics.scorer import read_fid_rows
+from immiscible_cli.runs import read_fid_rows
 
 runner = CliRunner()
 

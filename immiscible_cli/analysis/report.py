@@ -11,6 +11,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from ..compare_runs import assigner_label
 from ..console import show_table
 from ..files import write_atomic
 
@@ -123,11 +124,9 @@ def data_tables(lines: list[dict[str, Any]], out: Console) -> None:
 
 
 def describe_rule(rule: dict[str, Any]) -> str:
-    """`knn k=8`, `linear l2`, `vanilla x2` (image_scale 2) ..."""
-    score = f" {rule['knn_score']}" if rule.get("knn_score", "l2") != "l2" else ""
-    text = {"knn": f"knn k={rule.get('k')}{score}",
-            "linear": f"linear {rule.get('cost')}"}.get(rule["name"], rule["name"])
-    return text + (f" x{rule['image_scale']:g}" if rule.get("image_scale", 1.0) != 1.0 else "")
+    """`knn k=8`, `linear l2`, `vanilla x2` (image_scale 2) ...: compare's label of the rule (each rule's config
+    section names its settings)."""
+    return assigner_label({"assigner": rule})
 
 
 def data_plots(lines: list[dict[str, Any]], folder: Path) -> list[Path]:

@@ -34,7 +34,7 @@ from ..metrics import FIDExtractor, FIDWeightsError
 from ..networks import load_network, pick_device
 from ..objectives import build_objective
 from ..runs import Run
-from ..sampling import SeededNoise
+from ..generation import SeededNoise
 from .levels import times_in_bin
 
 PERTURBATIONS: tuple[float, ...] = (0.1, 0.2, 0.3)
@@ -106,7 +106,7 @@ def loss_per_bin(net: torch.nn.Module, cfg: Config, images: ImageSet, settings: 
 
 
 def noise_source(cfg: Config, seeds: list[int], device: torch.device):
-    """Per-image noise for these seeds, as `sampling.generate` draws it (`sample.noise`, where the config has it)."""
+    """Per-image noise for these seeds, as `generation.generate` draws it (`sample.noise`, where the config has it)."""
     if getattr(cfg.sample, "noise", "per-image") == "counter":
         from ..counter_noise import CounterNoise
 
@@ -117,7 +117,7 @@ def noise_source(cfg: Config, seeds: list[int], device: torch.device):
 @torch.inference_mode()
 def perturbed_samples(net: torch.nn.Module, cfg: Config, seeds: list[int], weight: float, *, sampler: str,
                       steps: int, device: torch.device) -> torch.Tensor:
-    """Decoded samples [N, C, H, W] in [-1, 1] from sqrt(1 - W^2) n_s + W n'_s; W = 0 gives `sampling.generate`'s
+    """Decoded samples [N, C, H, W] in [-1, 1] from sqrt(1 - W^2) n_s + W n'_s; W = 0 gives `generation.generate`'s
     images (same noise, same fresh noise, same options) before their rounding to uint8."""
     objective = build_objective(cfg.objective)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)

@@ -1,6 +1,7 @@
 """Noise assigners: one pairing rule per file (vanilla.py, linear.py, knn.py), a registry keyed by `assigner.name`.
 
-Every rule has the same signature, `pair(x0, cfg, generator, stats=None, center=None) -> (x0_paired, noise)`:
+Every rule has the same signature, `pair(x0, cfg, generator, stats=None, center=None, shard=None) -> (x0_paired,
+noise)`, and registers a `rule.Rule` (its `pair` and its properties) in `ASSIGNERS`:
 - `x0` is a clean batch [B, C, H, W] in model space (pixels in [-1, 1], or latents); both results keep its shape,
   device and dtype. `x0_paired = x0 * image_scale` (x0 itself when the scale is 1): image scaling comes first, and
   the pairing works on the scaled data.
@@ -12,39 +13,46 @@ Every rule has the same signature, `pair(x0, cfg, generator, stats=None, center=
 - `stats`, when a dict, receives 0-dim float32 tensors on the batch's device, written without host sync (linear
   needs the CPU anyway): `pair_dist` (mean |x0_paired_i - noise_i|), `random_dist` (the same for the random pairing
   of the same batch) and `noise_sqnorm` (mean |noise_i|^2 / D). `meter.PairingMeter` times calls and averages these.
+- `shard`, a `shard.Shard`, asks for one process's rows of the global batch (several processes; x0 holds those
+  rows): the rule's sharded form, written in its own file.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
 from immiscible_cli.assigners import knn, linear, vanilla
+from immiscible_cli.assigners.rule import PairFn, Rule
+from immiscible_cli.assigners.shard import Shard
 from immiscible_cli.config import KNNAssigner, LinearAssigner, VanillaAssigner
 
 AssignerConfig = Union[VanillaAssigner, LinearAssigner, KNNAssigner]
-PairFn = Callable[..., tuple[Tensor, Tensor]]  # (x0, cfg, generator, stats=None, center=None) -> (x0', noise)
 
-ASSIGNERS: dict[str, PairFn] = {"vanilla": vanilla.pair, "linear": linear.pair, "knn": knn.pair}
+ASSIGNERS: dict[str, Rule] = {"vanilla": vanilla.RULE, "linear": linear.RULE, "knn": knn.RULE}
 
 
-def pair(x0: Tensor, cfg: AssignerConfig, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pair(x0: Tensor, cfg: AssignerConfig, generator: torch.Generator, stats: dict[str, Tensor] | None = None,
+         center: Tensor | None = None, shard: Shard | None = None) -> tuple[Tensor, Tensor]:
     """Pair the clean batch x0 [B, C, H, W] with noise by the rule `cfg.name`; see the module docstring."""
-    return ASSIGNERS[cfg.name](x0, cfg, generator, stats, center)
+    return ASSIGNERS[cfg.name].pair(x0, cfg, generator, stats, center, shard)
+
+
+def waits_for_host(cfg: AssignerConfig) -> bool:
+    """Whether the rule's pairing waits for the host (a CPU solve): the trainer then draws it a step ahead."""
+    return ASSIGNERS[cfg.name].waits_for_host
 
 
 def needs_center(cfg: AssignerConfig) -> bool:
     """Whether the rule scores against the training set's mean image (then `pair` must be given `center`)."""
-    return getattr(cfg, "knn_score", "l2") == "centred" and getattr(cfg, "k", 1) > 1
+    return ASSIGNERS[cfg.name].needs_center(cfg)
 
 
 def check_available(cfg: AssignerConfig) -> None:
     """Fail early, with one line, when the rule needs an optional package that is not installed."""
-    if isinstance(cfg, LinearAssigner) and cfg.solver == "lapjv":
-        linear.lap_module()
+    ASSIGNERS[cfg.name].check_available(cfg)
 
 
 def decode(samples: Tensor, cfg: AssignerConfig) -> Tensor:
@@ -52,4 +60,5 @@ def decode(samples: Tensor, cfg: AssignerConfig) -> Tensor:
     return (samples / cfg.image_scale).clamp(-1.0, 1.0)
 
 
-__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "check_available", "decode", "needs_center", "pair"]
+__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "Rule", "Shard", "check_available", "decode", "needs_center", "pair",
+           "waits_for_host"]

@@ -38,6 +38,8 @@ from torch import Tensor
 
 from immiscible_cli.assigners import vanilla
 from immiscible_cli.assigners.vanilla import record_stats, scale_images
+from immiscible_cli.assigners.rule import Rule
+from immiscible_cli.assigners.shard import Shard
 from immiscible_cli.config import KNNAssigner
 
 DRAW_GROUP_ELEMENTS = 1 << 24
@@ -178,8 +180,8 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
     return noise.view(x0.shape), best, first
 
 
-def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator, stats: dict[str, Tensor] | None = None,
+         center: Tensor | None = None, shard: Shard | None = None) -> tuple[Tensor, Tensor]:
     """KNN rule: (x0 * c, for each image the best by `cfg.knn_score` of k fresh N(0, I) candidates).
 
     Args:
@@ -188,16 +190,29 @@ def pair(x0: Tensor, cfg: KNNAssigner, generator: torch.Generator,
         generator: source of every candidate, on x0's device.
         stats: when a dict, receives `pair_dist`, `random_dist` (candidate 0, i.e. vanilla) and `noise_sqnorm`.
         center: the training set's mean image [C, H, W] in the scaled space (`knn_score: centred` only).
+        shard: several processes: x0 is this process's rows of the global batch. Every candidate group is drawn
+            for the whole batch (draw_groups of the global B: the same stream) and only the shard's rows are
+            scored; knn is per image, so this is exactly the one-process result for these rows.
     Returns:
         (x0_paired, noise) shaped, typed and placed like x0; with k = 1 exactly the vanilla draw.
     """
     if cfg.k == 1:  # one candidate: nothing to choose, and no candidate buffer
-        return vanilla.pair(x0, cfg, generator, stats)
+        return vanilla.pair(x0, cfg, generator, stats, shard=shard)
     x0_paired = scale_images(x0, cfg.image_scale)
     with torch.no_grad():
         noise, best, first = select_nearest(x0_paired, cfg.k, generator, cfg.memory_budget_mib * 2**20,
+                                            draw_batch=shard.batch if shard else None,
+                                            shard_rows=shard.rows if shard else None,
                                             score=cfg.knn_score, center=center)
         if stats is not None:
             sqnorm = torch.linalg.vector_norm(noise.flatten(1).float(), dim=1).square() / x0[0].numel()  # [B]
             record_stats(stats, best.clamp_min(0).sqrt(), first.clamp_min(0).sqrt(), sqnorm)
     return x0_paired, noise
+
+
+def needs_center(cfg: KNNAssigner) -> bool:
+    """The `centred` score of more than one candidate scores against the training set's mean image."""
+    return cfg.knn_score == "centred" and cfg.k > 1
+
+
+RULE = Rule(pair, needs_center=needs_center)

@@ -14,7 +14,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from immiscible_cli import distributed
 from immiscible_cli.assigners import vanilla
+from immiscible_cli.assigners.rule import Rule
+from immiscible_cli.assigners.shard import Shard
 from immiscible_cli.assigners.vanilla import draw_noise, record_stats, scale_images
 from immiscible_cli.config import LinearAssigner
 from immiscible_cli.errors import UserError
@@ -103,8 +106,8 @@ def solve(cost: Tensor, solver: str = "scipy") -> np.ndarray:
     return order
 
 
-def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator, stats: dict[str, Tensor] | None = None,
+         center: Tensor | None = None, shard: Shard | None = None) -> tuple[Tensor, Tensor]:
     """Linear-assignment rule: (x0 * c, the batch's i.i.d. noises permuted to minimise the total cost).
 
     Args:
@@ -112,9 +115,12 @@ def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
         cfg: the assigner config (`cost`, `quantize`, `image_scale`).
         generator: source of the noise draw, on x0's device.
         stats: when a dict, receives `pair_dist`, `random_dist` (identity pairing of the same draws), `noise_sqnorm`.
+        shard: several processes: x0 is this process's rows of the global batch (`pair_shard`).
     Returns:
         (x0_paired, noise) shaped, typed and placed like x0; B = 1 is the vanilla draw.
     """
+    if shard is not None:
+        return pair_shard(x0, cfg, generator, stats, shard)
     batch = x0.shape[0]
     if batch == 1:  # nothing to permute
         return vanilla.pair(x0, cfg, generator, stats)
@@ -128,3 +134,56 @@ def pair(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator,
             chosen = sq_dist[torch.arange(batch, device=noise.device), order]  # [B]
             record_stats(stats, chosen.sqrt(), sq_dist.diagonal().sqrt(), sq_noise / noise[0].numel())
     return x0_paired, paired_noise
+
+
+def pair_shard(x0: Tensor, cfg: LinearAssigner, generator: torch.Generator, stats: dict[str, Tensor] | None,
+               shard: Shard) -> tuple[Tensor, Tensor]:
+    """The rule on one process's rows x0 [b, C, H, W] of the global batch; every rank draws the global vanilla draw.
+
+    - scope `global` (the official code's choice): the images are gathered, rank 0 solves the assignment of the
+      global batch to the global draw (cost and solver exactly as one process on the concatenated batch) and sends
+      the permutation to every rank, which takes the noise of its rows. Rank 0 alone solves, so every rank uses the
+      same permutation even where GPUs of different models would round a cost differently;
+    - scope `local`: each rank assigns its shard to its rows of the global draw (a b x b problem).
+    """
+    x = scale_images(x0, cfg.image_scale)
+    full, mine = shard.draw(x, generator)  # [B, C, H, W], its rows [b, C, H, W]
+    if shard.batch == 1:
+        if stats is not None:
+            vanilla.record_unpaired_stats(stats, x, mine)
+        return x, mine
+    with torch.no_grad():
+        if cfg.scope == "global":
+            order = global_order(x, full, cfg)[shard.rows]  # [b]: the global noise index of each of my images
+            noise = full.index_select(0, order)
+        elif shard.size > 1:
+            cost, _, _ = cost_matrix(x.flatten(1), mine.flatten(1), cfg.cost, cfg.quantize)
+            noise = mine.index_select(0, torch.from_numpy(solve(cost, cfg.solver)).to(x.device))
+        else:
+            noise = mine
+        if stats is not None:
+            flat = x.flatten(1).float()  # [b, D]
+            chosen = torch.linalg.vector_norm(flat - noise.flatten(1).float(), dim=1)  # [b]
+            random = torch.linalg.vector_norm(flat - mine.flatten(1).float(), dim=1)  # [b]
+            record_stats(stats, chosen, random, noise.flatten(1).float().square().mean(dim=1))
+    return x, noise
+
+
+def global_order(x: Tensor, full: Tensor, cfg: LinearAssigner) -> Tensor:
+    """The optimal assignment of the global batch (every rank's x gathered, in rank order) to the global draw
+    `full`: solved on rank 0, sent to every rank. [B] int64 on x's device; order[i] = noise of image i."""
+    images = torch.cat(distributed.all_gather(x))  # [B, C, H, W]
+    order = torch.empty(full.shape[0], dtype=torch.long, device=x.device)
+    if distributed.is_main():
+        cost, _, _ = cost_matrix(images.flatten(1), full.flatten(1), cfg.cost, cfg.quantize)
+        order.copy_(torch.from_numpy(solve(cost, cfg.solver)))
+    return distributed.broadcast(order)
+
+
+def check_available(cfg: LinearAssigner) -> None:
+    """The LAPJV solver needs the optional `lap` package: a one-line error now rather than at the first step."""
+    if cfg.solver == "lapjv":
+        lap_module()
+
+
+RULE = Rule(pair, waits_for_host=True, check_available=check_available)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from immiscible_cli.assigners.rule import Rule
+from immiscible_cli.assigners.shard import Shard
 from immiscible_cli.config import VanillaAssigner
 
 
@@ -45,8 +47,8 @@ def record_unpaired_stats(stats: dict[str, Tensor], x0: Tensor, noise: Tensor) -
     record_stats(stats, dist, dist, sqnorm)
 
 
-def pair(x0: Tensor, cfg: VanillaAssigner, generator: torch.Generator,
-         stats: dict[str, Tensor] | None = None, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pair(x0: Tensor, cfg: VanillaAssigner, generator: torch.Generator, stats: dict[str, Tensor] | None = None,
+         center: Tensor | None = None, shard: Shard | None = None) -> tuple[Tensor, Tensor]:
     """Vanilla rule: (x0 * c, noise ~ N(0, I)) with the noise drawn independently of the images.
 
     Args:
@@ -54,11 +56,16 @@ def pair(x0: Tensor, cfg: VanillaAssigner, generator: torch.Generator,
         cfg: the assigner config (only `image_scale` is used).
         generator: source of every random draw, on x0's device.
         stats: when a dict, receives `pair_dist`, `random_dist` (equal here) and `noise_sqnorm`.
+        shard: several processes: x0 is this process's rows of the global batch, the noise its rows of the global
+            draw (assigners/shard.py).
     Returns:
         (x0_paired, noise), both shaped, typed and placed like x0.
     """
     x0_paired = scale_images(x0, cfg.image_scale)
-    noise = draw_noise(x0_paired, generator)  # [B, C, H, W]
+    noise = draw_noise(x0_paired, generator) if shard is None else shard.draw(x0_paired, generator)[1]  # [B, C, H, W]
     if stats is not None:
         record_unpaired_stats(stats, x0_paired, noise)
     return x0_paired, noise
+
+
+RULE = Rule(pair)

@@ -132,6 +132,12 @@ class _AssignerBase(_Section):
     """Image scaling (improved paper): data multiplied by this before pairing, samples divided by it after
     generation. 1.0 = off."""
 
+    @classmethod
+    def label_settings(cls, section: dict[str, Any]) -> list[str]:
+        """The settings that name this rule in compare's labels, read from a run's `assigner` section as written
+        (a dict: older runs may lack fields), e.g. ['k=8'] for knn; image_scale is added by the caller."""
+        return []
+
 
 class VanillaAssigner(_AssignerBase):
     name: Literal["vanilla"] = "vanilla"
@@ -151,6 +157,13 @@ class LinearAssigner(_AssignerBase):
     images are gathered to rank 0, as the official code does), `local` one per process over its share. One
     process: the same."""
 
+    @classmethod
+    def label_settings(cls, section: dict[str, Any]) -> list[str]:
+        parts = [str(section.get("cost", "l2"))]
+        if section.get("quantize", "none") != "none":
+            parts.append(str(section["quantize"]))
+        return parts
+
 
 class KNNAssigner(_AssignerBase):
     name: Literal["knn"] = "knn"
@@ -163,6 +176,11 @@ class KNNAssigner(_AssignerBase):
     leans toward the data), `direction` the largest cosine to the image, `centred` the largest cosine to the image
     minus the training set's mean image (in model space, after image scaling). The last two choose by direction
     alone, so the kept norm is exactly Gaussian; `centred` also keeps the noise's mean near 0."""
+
+    @classmethod
+    def label_settings(cls, section: dict[str, Any]) -> list[str]:
+        score = section.get("knn_score", "l2")
+        return [f"k={section.get('k')}", *([str(score)] if score != "l2" else [])]
 
 
 ASSIGNER_SECTIONS: dict[str, type[BaseModel]] = {"vanilla": VanillaAssigner, "linear": LinearAssigner,

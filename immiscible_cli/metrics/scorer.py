@@ -1,6 +1,6 @@
 """An FID point: generate with fixed per-image seeds, stream the images through the extractor, score them against
 the reference statistics; and the fid.jsonl row that carries the number with every setting that makes two FIDs
-comparable (`FID_SETTINGS`), with its reader and writer.
+comparable (`runs.FID_SETTINGS`).
 
 `FIDScorer` is built by the command (`train` hands it to the trainer, which calls `score` on its EMA network every
 eval.every_kimg; `eval` calls it on checkpoints). Generated images never pile up: each batch is sampled, resized
@@ -8,16 +8,8 @@ and turned into features that only update running sums, so 50k images cost the m
 [2048, 2048] matrix (features are kept only for KID). Under torchrun every rank makes its share of the batches
 and the sums are reduced (metrics/shards.py); rank 0 computes the distance, and every rank returns the row.
 
-A fid.jsonl row:
-    kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
-    reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
-    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
-    samples; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
-    generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
-    dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
-    sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
-    nfe (network evaluations per image, mean over batches), seconds (scoring time),
-    train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
+The fid.jsonl row, its settings, reader and writer are the run directory's (runs.py); `sampling_settings` here
+fills its `sampling` field.
 """
 
 from __future__ import annotations
@@ -32,44 +24,13 @@ from .. import distributed, start_noise
 from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
-from ..files import append_jsonl, read_jsonl
-from ..runs import FID_ROW, Run
+from ..generation import generate
 from .features import FIDExtractor
 from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
 from .stats import FeatureStats, compute_kid, frechet_distance_eigh
 
-# The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
-FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights",
-                "inception_precision")
 REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` is a fixed seeded draw
-# Settings added later, with the value every row written before them had: a row lacking one means this value.
-SETTING_DEFAULTS: dict[str, Any] = {
-    "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"},
-    "inception_precision": "fp32"}
-
-
-def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
-    """The part of a fid.jsonl row that must match for two FIDs to be comparable (settings added later filled in
-    with SETTING_DEFAULTS, so older rows stay comparable)."""
-    settings = {key: row.get(key, None if isinstance(SETTING_DEFAULTS.get(key), dict) else SETTING_DEFAULTS.get(key))
-                for key in FID_SETTINGS}
-    for key, defaults in SETTING_DEFAULTS.items():
-        if isinstance(defaults, dict) and isinstance(settings[key], dict):
-            settings[key] = {**defaults, **settings[key]}
-    return settings
-
-
-def read_fid_rows(run: Run) -> list[dict[str, Any]]:
-    """The run's fid.jsonl rows in file order (sort by kimg where order matters). A row that is not an object or
-    lacks a number `kimg` or `fid` (runs.FID_ROW) is a FileFormatError naming the line; a cut-off last line is
-    ignored with a warning."""
-    return read_jsonl(run.fid_path(), FID_ROW)
-
-
-def append_fid_row(run: Run, row: dict[str, Any]) -> None:
-    """Append one row (after moving a cut-off last line aside); the caller holds the run's lock."""
-    append_jsonl(run.fid_path(), row)
 
 
 class FIDScorer:
@@ -151,8 +112,6 @@ class FIDScorer:
     def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
         """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
         evaluations of each batch are appended to `nfe`."""
-        from ..sampling import generate
-
         for first in shards.batch_starts(self.num_images, self.batch):  # several processes: this rank's batches
             seeds = list(range(first, min(first + self.batch, self.num_images)))
             yield generate(net, self.cfg, seeds, sampler=self.sampler, steps=self.steps,

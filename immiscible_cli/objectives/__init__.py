@@ -12,7 +12,7 @@ Every objective offers the same interface, which the trainer and the samplers re
   [-c, c] at every step; None = off), `grid` ("linspace" or "stride" timesteps);
   flow: `atol`, `rtol` (tolerances of the adaptive "dopri5"; `steps` is ignored there).
   Both: `steps`, `labels` and `guidance` (classifier-free guidance). The number of network calls is the caller's
-  to count (sampling.CountingNet). Editing (editing.py): `after_step(x, level) -> x` replaces x after every step,
+  to count (generation.CountingNet). Editing (editing.py): `after_step(x, level) -> x` replaces x after every step,
   at its new noise level (ddpm: abar, flow: t; 1.0 = clean after the last step), and `resample = R` retries every
   step but the last R times from x noised back by `renoise(x, level_from, level_to, randn)` (RePaint).
 - `samplers`: the sampler names the objective accepts (equal to config.SAMPLERS[kind]).
