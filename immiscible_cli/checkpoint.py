@@ -49,7 +49,7 @@ _NETWORK = re.compile(r"^network-(\d+\.\d{3})kimg\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
 CUDA_STATE_BYTES = 16
 """Size of a CUDA (Philox) generator's state: seed and offset, 8 bytes each (a CPU generator's is 5056 bytes)."""
-_LEFTOVER = re.compile(r"^\.snapshot-\d+\.\d{3}kimg\.pt\.tmp-\d+$")  # files.write_atomic's temporary name
+_LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")  # files.write_atomic's temporary name: .<file>.tmp-<pid>
 
 
 @dataclass(frozen=True)
@@ -279,14 +279,15 @@ def usable(run: Run, expected: Expected, exclude: Path | None = None) -> list[Ch
 
 
 def remove_leftovers(run: Run) -> list[Path]:
-    """Delete the temporary files of snapshot writes that were killed (.snapshot-...kimg.pt.tmp-PID). Call it only
-    while holding the run's train lock: then no snapshot is being written."""
-    folder = run.checkpoints_dir()
+    """Delete the temporary files of atomic writes that were killed (.<file>.tmp-PID: snapshots, the kept network,
+    config.yaml, meta.json, rewritten logs, sample grids) in the run, checkpoints/ and samples/. Call it only while
+    holding the run's train lock: then nothing of the run is being written. Symlinks are left alone."""
     removed = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        if _LEFTOVER.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for folder in (run.path, run.checkpoints_dir(), run.path / "samples"):
+        for path in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else ():
+            if _LEFTOVER.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return sorted(removed)
 
 
