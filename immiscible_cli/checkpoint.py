@@ -38,7 +38,7 @@ import torch
 
 from .config import Config, resumable
 from .errors import UserError
-from .files import write_atomic
+from .files import own_file_problem, write_atomic
 from .runs import Run, kimg_tag
 
 FORMAT = "immiscible-snapshot-v1"
@@ -47,7 +47,9 @@ NETWORK_FORMAT = "immiscible-network-v1"
 NETWORK_REQUIRED = ("kimg", "nimg", "step", "train_s", "config", "config_digest", "ema")
 _NETWORK = re.compile(r"^network-(\d+\.\d{3})kimg\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d+\.\d{3})kimg\.pt$")
-_LEFTOVER = re.compile(r"^\.snapshot-\d+\.\d{3}kimg\.pt\.tmp-\d+$")  # files.write_atomic's temporary name
+CUDA_STATE_BYTES = 16
+"""Size of a CUDA (Philox) generator's state: seed and offset, 8 bytes each (a CPU generator's is 5056 bytes)."""
+_LEFTOVER = re.compile(r"^\..+\.tmp-\d+$")  # files.write_atomic's temporary name: .<file>.tmp-<pid>
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Expected:
 
     config: Config
     shapes: dict[str, tuple[int, ...]]
+    param_shapes: tuple[tuple[int, ...], ...] | None = None  # the optimizer's parameters in order (None: unchecked)
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -125,6 +128,82 @@ PORTABLE = frozenset({"data.root", "data.gpu_resident", "train.device", "train.c
                       "train.cuda_graphs", "train.channels_last"})
 
 
+STREAM_NAMES = ("flips", "timesteps", "noise", "labels")  # trainer.STREAMS: the generator states under `rng`
+GENERATOR_STATE_BYTES = {"cpu": 5056, "cuda": CUDA_STATE_BYTES}  # a torch.Generator's get_state() size
+
+
+def _count(value: Any, integer: bool = False) -> bool:
+    """A finite number >= 0 (an int with `integer`; bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+        return False
+    return math.isfinite(value) and value >= 0
+
+
+def _byte_state(value: Any, size: int | None = None) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            and (size is None or value.numel() == size))
+
+
+def field_problems(state: dict[str, Any], expected: Expected | None = None) -> list[str]:
+    """What is wrong with the fields of a snapshot beyond its weights and config, each naming the field: the counts
+    (kimg, nimg, step, train_s, world_size), and in a resumable snapshot the data position, the optimizer state
+    (groups, parameter indices, moment shapes against `expected.param_shapes`) and the random states (their sizes
+    for the device that wrote them). Empty when every field the loaders use fits."""
+    found = [f"{key}: {str(state[key])[:24]!r} is not a number >= 0" for key, integer in
+             (("kimg", False), ("nimg", True), ("step", True), ("train_s", False)) if not _count(state[key], integer)]
+    if "world_size" in state and not (_count(state["world_size"], True) and state["world_size"] >= 1):
+        found.append(f"world_size: {str(state['world_size'])[:24]!r} is not a whole number >= 1")
+    if state.get("format") == NETWORK_FORMAT:
+        return found
+    data = state["data"]
+    if not (isinstance(data, dict) and all(_count(data.get(key), True) for key in ("epoch", "position"))):
+        found.append("data: expected {epoch, position} (whole numbers >= 0)")
+    found += _optimizer_problems(state["optimizer"], expected.param_shapes if expected is not None else None)
+    found += _rng_problems(state["rng"], state.get("world_size", 1))
+    return found
+
+
+def _optimizer_problems(optimizer: Any, shapes: tuple[tuple[int, ...], ...] | None) -> list[str]:
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    if not (isinstance(groups, list) and groups and isinstance(moments, dict)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return ["optimizer: expected {state, param_groups: [{params, ...}]}"]
+    params = [index for group in groups for index in group["params"]]
+    if shapes is not None and sorted(params) != list(range(len(shapes))):
+        return [f"optimizer: its groups hold {len(params)} parameters, the network has {len(shapes)}"]
+    for index, entry in moments.items():
+        known = shapes is None or (isinstance(index, int) and 0 <= index < len(shapes))
+        if not isinstance(entry, dict) or not known:
+            return [f"optimizer.state[{str(index)[:12]}]: not the state of one of the network's parameters"]
+        for name, value in entry.items():
+            if name != "step" and shapes is not None and isinstance(value, torch.Tensor) \
+                    and tuple(value.shape) != shapes[index]:
+                return [f"optimizer.state[{index}].{name}: {list(value.shape)}, the parameter is {list(shapes[index])}"]
+    return []
+
+
+def _rng_problems(rng: Any, world_size: Any) -> list[str]:
+    if not isinstance(rng, dict):
+        return ["rng: not a mapping of generator states"]
+    if not all(name in rng for name in STREAM_NAMES):  # immiscible 0.1 kept one stream: the trainer says so
+        return []
+    device = rng.get("device", "cuda" if _byte_state(rng["noise"], CUDA_STATE_BYTES) else "cpu")
+    if device not in GENERATOR_STATE_BYTES:
+        return [f"rng.device: {str(device)[:16]!r}, expected cpu or cuda"]
+    found = [f"rng.{name}: not a {device} generator state ({GENERATOR_STATE_BYTES[device]} bytes)"
+             for name in STREAM_NAMES if not _byte_state(rng[name], GENERATOR_STATE_BYTES[device])]
+    if not _byte_state(rng.get("torch"), GENERATOR_STATE_BYTES["cpu"]):
+        found.append("rng.torch: not a CPU generator state")
+    for key in ("cuda", "cuda_ranks", "torch_ranks"):
+        value = rng.get(key, [])
+        if not (isinstance(value, list) and all(_byte_state(v) for v in value)):
+            found.append(f"rng.{key}: not a list of generator states")
+        elif key == "torch_ranks" and "torch_ranks" in rng and isinstance(world_size, int) and len(value) != world_size:
+            found.append(f"rng.torch_ranks: {len(value)} states for {world_size} processes")
+    return found
+
+
 def mismatches(state: dict[str, Any], expected: Expected) -> list[str]:
     """How a snapshot's state differs from what the run expects, most telling first (empty when it fits).
 
@@ -134,7 +213,8 @@ def mismatches(state: dict[str, Any], expected: Expected) -> list[str]:
     missing = [key for key in (NETWORK_REQUIRED if network else REQUIRED) if key not in state]
     if missing:
         return [f"keys missing: {', '.join(missing)}"]
-    found = [] if isinstance(state["config"], dict) else ["its config is not a mapping"]
+    found = field_problems(state, expected)
+    found += [] if isinstance(state["config"], dict) else ["its config is not a mapping"]
     if state["config_digest"] != expected.config.digest() and not found:
         stored, current = _flat(state["config"]), _flat(expected.config.to_dict())
         for key in sorted(stored.keys() & current.keys()):
@@ -165,7 +245,12 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu", expected: Expected | None = None) -> dict[str, Any]:
     """Read one snapshot (weights_only=True); CheckpointError when it is truncated, corrupt or not ours, or (given
-    `expected`) does not fit the run: the first three differences, in one line."""
+    `expected`) does not fit the run: the first three differences, in one line. A symlink leaving the folder that
+    holds it, a FIFO or anything but a regular file is refused unopened (files.own_file_problem)."""
+    problem = own_file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: not used as a checkpoint: {problem}; replace it with a snapshot file or "
+                              f"remove it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
@@ -194,14 +279,15 @@ def usable(run: Run, expected: Expected, exclude: Path | None = None) -> list[Ch
 
 
 def remove_leftovers(run: Run) -> list[Path]:
-    """Delete the temporary files of snapshot writes that were killed (.snapshot-...kimg.pt.tmp-PID). Call it only
-    while holding the run's train lock: then no snapshot is being written."""
-    folder = run.checkpoints_dir()
+    """Delete the temporary files of atomic writes that were killed (.<file>.tmp-PID: snapshots, the kept network,
+    config.yaml, meta.json, rewritten logs, sample grids) in the run, checkpoints/ and samples/. Call it only while
+    holding the run's train lock: then nothing of the run is being written. Symlinks are left alone."""
     removed = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        if _LEFTOVER.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for folder in (run.path, run.checkpoints_dir(), run.path / "samples"):
+        for path in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else ():
+            if _LEFTOVER.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return sorted(removed)
 
 
@@ -291,8 +377,6 @@ def resume(run: Run, load_state: Callable[[dict[str, Any]], None],
 # ------------------------------------------------------------------------------------------------------------------
 # moving between devices
 
-CUDA_STATE_BYTES = 16
-"""Size of a CUDA (Philox) generator's state: seed and offset, 8 bytes each (a CPU generator's is 5056 bytes)."""
 OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 """Optimizer group settings that say how the update runs on this device, not what it computes."""
 

@@ -16,7 +16,10 @@ from rich.console import Console
 from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, exit_now, fail,
                           joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors,
                           several_processes)
-from .errors import names_memory_field
+from .config.schema import MAX_BATCH, MAX_FID_IMAGES, MAX_STEPS
+from .errors import UserError, names_memory_field
+
+ANALYZE_MAX = 100_000  # analyze: batches, held-out images, samples (each held in memory at once)
 
 app = typer.Typer(
     name="immiscible",
@@ -107,7 +110,8 @@ def sample(
     = None,
     seeds: Annotated[Optional[str], typer.Option(help="Seed range A-B (inclusive) or list 1,5,9; one image "
                                                  "per seed.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (default: the run's sample.steps).")]
+    steps: Annotated[Optional[int], typer.Option(min=1, max=MAX_STEPS, help="Sampling steps (default: the run's "
+                                                 "sample.steps).")]
     = None,
     sampler: Annotated[Optional[str], typer.Option(help=SAMPLER_HELP)]
     = None,
@@ -115,7 +119,7 @@ def sample(
     = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class label for every image (conditional "
                                                   "runs; default: seed mod classes).")] = None,
-    batch: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, max=MAX_BATCH, help="Images per forward pass.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write one PNG per image here, batch by batch.")]
     = None,
     grid: Annotated[Optional[Path], typer.Option(help="Write the images (the first 1024 at most) as one PNG grid; "
@@ -159,7 +163,8 @@ def sample(
         from . import editing
 
         with Bars(err) as bars:
-            written = editing.inpaint_run(source, ckpt=ckpt, image=image, mask=mask or "center", seeds=chosen,
+            written = editing.inpaint_run(source, ckpt=ckpt, image=image, mask="center" if mask is None else mask,
+                                          seeds=chosen,
                                           steps=steps, sampler=sampler, guidance=guidance, label=class_,
                                           batch=batch, resample=resample, out_dir=out_dir, grid=grid, ema=ema,
                                           device=device, progress=bars, overrides=set_ or [])
@@ -197,18 +202,21 @@ def eval_(
                                                           "the newest under runs/).")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Compute FID (the metric this command computes).")] = False,
     kid: Annotated[bool, typer.Option("--kid", help="Also compute KID, stored in the same row.")] = False,
-    num_images: Annotated[Optional[int], typer.Option(min=2, help="Generated images per point (default: the "
+    num_images: Annotated[Optional[int], typer.Option(min=2, max=MAX_FID_IMAGES, help="Generated images per point "
+                                                      "(default: the "
                                                       "run's eval.num_images).")] = None,
     ckpt: Annotated[Optional[list[str]], typer.Option(help="all | latest | KIMG (repeatable). Default: all.")]
     = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (default: eval.steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, max=MAX_STEPS, help="Sampling steps (default: "
+                                                 "eval.steps).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="Sampler (default: eval.sampler).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="computed | cleanfid (default: eval.reference).")]
     = None,
-    reference_images: Annotated[Optional[int], typer.Option(min=2, help="Real images behind computed reference "
+    reference_images: Annotated[Optional[int], typer.Option(min=2, max=MAX_FID_IMAGES, help="Real images behind "
+                                                            "computed reference "
                                                             "statistics (default: eval.reference_images).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="clean | legacy_tensorflow (default: eval.mode).")] = None,
-    batch: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, max=MAX_BATCH, help="Images per batch.")] = None,
     root: Annotated[Path, typer.Option(help="Where to look for the newest run when none is given.")]
     = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the curves as JSON on stdout.")] = False,
@@ -338,15 +346,19 @@ def analyze(
     set_: SetOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: analysis/NAME here, "
                                                     "or beside the first run).")] = None,
-    batches: Annotated[int, typer.Option(min=2, help="Data mode: batches of train.batch_size images.")] = 100,
+    batches: Annotated[int, typer.Option(min=2, max=ANALYZE_MAX, help="Data mode: batches of train.batch_size "
+                                         "images.")] = 100,
     levels: Annotated[Optional[str], typer.Option(help="Data mode: noise levels in (0, 1], comma list (0 = clean, "
                                                   "1 = pure noise; DDPM t = level x T). Default: 0.1,0.2,...,1.")]
     = None,
     ckpt: Annotated[str, typer.Option(help="Run mode: `latest` or the kimg of a snapshot.")] = "latest",
-    images: Annotated[int, typer.Option(min=1, help="Run mode: held-out images for the loss per bin.")] = 512,
-    bins: Annotated[int, typer.Option(min=1, help="Run mode: noise-level bins of the loss.")] = 10,
-    samples: Annotated[int, typer.Option(min=2, help="Run mode: samples for bijectivity and diversity.")] = 64,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Run mode: sampling steps (default: the run's "
+    images: Annotated[int, typer.Option(min=1, max=ANALYZE_MAX, help="Run mode: held-out images for the loss per "
+                                        "bin.")] = 512,
+    bins: Annotated[int, typer.Option(min=1, max=1000, help="Run mode: noise-level bins of the loss.")] = 10,
+    samples: Annotated[int, typer.Option(min=2, max=ANALYZE_MAX, help="Run mode: samples for bijectivity and "
+                                         "diversity.")] = 64,
+    steps: Annotated[Optional[int], typer.Option(min=1, max=MAX_STEPS, help="Run mode: sampling steps (default: "
+                                                 "the run's "
                                                  "sample.steps).")] = None,
     no_inception: Annotated[bool, typer.Option("--no-inception", help="Run mode: skip the Inception feature "
                                                "distances.")] = False,

@@ -34,13 +34,22 @@ def fail(message: str, code: int = 2, rank_local: bool = False) -> None:
     raise typer.Exit(code)
 
 
+def _env_whole(name: str) -> int | None:
+    """A launcher variable as an integer; None when unset or not a whole number (distributed.env_int reports it)."""
+    try:
+        return int(os.environ.get(name, "").strip())
+    except ValueError:
+        return None
+
+
 def several_processes() -> bool:
-    """torchrun started this process as one of several (read from the environment: torch is not imported)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    """torchrun started this process as one of several (read from the environment: torch is not imported). A
+    WORLD_SIZE that is not a number counts as one process, so this process prints the error distributed gives."""
+    return (_env_whole("WORLD_SIZE") or 1) > 1
 
 
 def other_rank() -> bool:
-    return several_processes() and os.environ.get("RANK", "0") not in ("", "0")
+    return several_processes() and (_env_whole("RANK") or 0) != 0
 
 
 def _report(error: BaseException, code: int) -> None:
@@ -61,6 +70,7 @@ def joins_process_group(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        check_launcher_env()
         if not several_processes():
             return command(*args, **kwargs)
         from .distributed import session
@@ -87,8 +97,19 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def check_launcher_env() -> None:
+    """A UserError naming WORLD_SIZE, RANK or LOCAL_RANK when one is set to something torchrun never sets (text, a
+    negative number): one line, not a ValueError from deep inside (distributed.env_int)."""
+    if any(os.environ.get(name, "").strip() for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        from .distributed import LAUNCHER_VARIABLES, env_int
+
+        for name, lowest in LAUNCHER_VARIABLES.items():
+            env_int(name, lowest)
+
+
 def one_process(command: str) -> None:
     """Refuse, under torchrun, a command that does not share its work between processes."""
+    check_launcher_env()
     if several_processes():
         fail(f"`immiscible {command}` runs in one process; start it without torchrun (train and eval use several)")
 

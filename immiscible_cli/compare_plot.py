@@ -60,7 +60,8 @@ def write_plot(path: Path, lines: list[PlotLine], target: float, baseline: str) 
             if not points:
                 continue  # no training seconds recorded: this run is missing from the time panel only
             xs, fids, spread = zip(*points)
-            axes.plot(xs, fids, color=color, marker="o", markersize=3, linewidth=1.5, label=line.label)
+            axes.plot(xs, fids, color=color, marker="o", markersize=3, linewidth=1.5,
+                      label=line.label.replace("$", r"\$"))  # a run name is text, not mathtext
             if line.fid_std:  # log axis: keep the band's lower edge positive
                 axes.fill_between(xs, [max(f - d, f * 0.05) for f, d in zip(fids, spread)],
                                   [f + d for f, d in zip(fids, spread)], color=color, alpha=0.2, linewidth=0)
@@ -79,7 +80,7 @@ def write_plot(path: Path, lines: list[PlotLine], target: float, baseline: str) 
     by_kimg.legend(fontsize="small")
     by_kimg.set_title("FID vs training images (X: target reached)")
     by_time.set_title("FID vs wall-clock training time")
-    figure.suptitle(f"speed-up measured at FID {target:.2f} against {baseline}")
+    figure.suptitle(f"speed-up measured at FID {target:.2f} against {baseline.replace('$', chr(92) + '$')}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())

@@ -78,6 +78,8 @@ def _setting_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise UserError(f"--where ...={text[:20]}...: the value is nested too deep; give a number or a word") from None
 
 
 def _same(have: Any, want: Any) -> bool:
@@ -197,11 +199,8 @@ class Entry:
 
 
 def _config_dict(run: Run) -> dict[str, Any]:
-    try:
-        config = run.config_dict()
-    except yaml.YAMLError:
-        config = None
-    if not isinstance(config, dict):
+    config = run.config_dict()  # a file that is not YAML: a ConfigError naming it
+    if not config:
         raise CompareError(f"{run.config_path()}: not a config mapping; was the run made by `immiscible train`?")
     try:  # a field added since the run was made reads as its default, the behaviour the run had: a run made by an
         return validate(config, str(run.config_path())).to_dict()  # older version is a seed of the same experiment

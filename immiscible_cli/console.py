@@ -15,12 +15,15 @@ from rich.table import Table
 
 def show_table(out: Console, table: Table) -> None:
     """Fit the table to a terminal's window; into a pipe or file, print it at its natural width, so no cell wraps
-    or is cut (such output is read by programs and people with wide editors, not a window)."""
+    or is cut (such output is read by programs and people with wide editors, not a window). Cells and titles are
+    printed as written, never read as rich markup: a run named `x[/]` is shown, not an error."""
     if out.is_terminal:
-        out.print(table)
+        Console(file=out.file, width=out.width, color_system=out.color_system, force_terminal=True, markup=False,
+                highlight=False).print(table)
         return
-    natural = Measurement.get(out, out.options.update_width(10_000), table).maximum
-    wide = Console(file=io.StringIO(), width=natural, color_system=None, highlight=False)
+    plain = Console(file=io.StringIO(), color_system=None, highlight=False, markup=False)
+    natural = Measurement.get(plain, plain.options.update_width(10_000), table).maximum
+    wide = Console(file=io.StringIO(), width=natural, color_system=None, highlight=False, markup=False)
     wide.print(table)
     out.file.write(wide.file.getvalue())
 

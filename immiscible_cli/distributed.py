@@ -43,9 +43,28 @@ class RemoteError(UserError):
     """The error rank 0 met in an `on_main` step, raised on the other ranks (which print nothing)."""
 
 
+LAUNCHER_VARIABLES = {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_RANK": 0}  # torchrun's integers, with their lowest value
+
+
+def env_int(name: str, default: int) -> int:
+    """A launcher variable (LAUNCHER_VARIABLES) as an integer, `default` when unset or empty; a UserError (marked
+    `everywhere`) naming the variable when it is not a whole number at least its lowest value."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < LAUNCHER_VARIABLES.get(name, 0):
+        raise everywhere(UserError(f"{name}={text[:40]}: expected a whole number >= {LAUNCHER_VARIABLES.get(name, 0)} "
+                                   f"(torchrun sets it); unset it, or launch with torchrun"))
+    return value
+
+
 def launched() -> bool:
     """Whether torchrun (or its variables) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return env_int("WORLD_SIZE", 1) > 1
 
 
 def active() -> bool:
@@ -66,7 +85,7 @@ def is_main() -> bool:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) if launched() else 0
+    return env_int("LOCAL_RANK", 0) if launched() else 0
 
 
 def cuda_device() -> torch.device:
@@ -111,6 +130,8 @@ def session() -> Iterator[None]:
     if not launched() or active():
         yield
         return
+    for name, lowest in LAUNCHER_VARIABLES.items():  # a garbage RANK is one line here, not a rendezvous error
+        env_int(name, lowest)
     timeout = timeout_s()
     if torch.cuda.is_available():
         torch.cuda.set_device(gpu_index())
@@ -266,9 +287,12 @@ class _Entered:
 
 def error_line(error: BaseException) -> str | None:
     """How this rank reports `error`: the message (prefixed `rank R:` off rank 0), or None when rank 0 reports it."""
-    if not launched():
+    try:
+        if not launched():
+            return str(error)
+        this = env_int("RANK", 0)
+    except UserError:  # the error is about a launcher variable itself: report it here, once
         return str(error)
-    this = int(os.environ.get("RANK", "0") or 0)
     if this == 0:
         return str(error)
     return None if getattr(error, "everywhere", False) else f"rank {this}: {error}"

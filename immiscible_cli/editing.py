@@ -33,6 +33,7 @@ from .runs import Run
 
 NAMED_MASKS = ("center", "left-half", "outpaint-8px")
 EDITS_MAX = 1024  # edits (seeds) per input image
+MAX_PIXELS = 8192 * 8192  # an input image or mask at most this large, checked from its header before decoding
 
 
 class EditError(UserError):
@@ -61,12 +62,25 @@ def named_mask(name: str, resolution: int) -> torch.Tensor | None:
 
 
 def read_image(path: Path, option: str) -> torch.Tensor:
-    """One image file as uint8 [1, C, h, w], C = 1 for grey images, 3 otherwise (alpha dropped)."""
+    """One image file as uint8 [1, C, h, w], C = 1 for grey images, 3 otherwise (alpha dropped). Its size is checked
+    from the header before it is decoded (MAX_PIXELS: a small file may declare a huge image); 16-bit grey images are
+    scaled to 8 bits (65535 -> 255), not clipped."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise EditError(f"{option} {path}: {im.width}x{im.height} px, over {MAX_PIXELS:,}; give an image of "
+                                f"at most {MAX_PIXELS:,} pixels (the run's resolution is enough)")
+            if im.mode.startswith("I;16") or im.mode == "I":
+                wide = np.asarray(im).astype(np.int64)
+                deep = im.mode.startswith("I;16") or wide.max(initial=0) > 255
+                array = np.clip(np.rint(wide / 257.0) if deep else wide, 0, 255).astype(np.uint8)
+                im = Image.fromarray(array)
             im = im.convert("L" if im.getbands() in (("L",), ("1",), ("I",), ("F",), ("L", "A")) else "RGB")
+    except Image.DecompressionBombError:  # PIL's own check on opening, for sizes far past MAX_PIXELS
+        raise EditError(f"{option} {path}: its header declares over {MAX_PIXELS:,} pixels; give an image of at "
+                        f"most {MAX_PIXELS:,} pixels (the run's resolution is enough)") from None
     except (OSError, ValueError) as e:
         raise EditError(f"{option} {path}: cannot read it as an image ({type(e).__name__})") from None
     array = np.asarray(im, np.uint8)
@@ -102,13 +116,20 @@ def load_inputs(image: Path, mask: str, data: DataConfig) -> tuple[list[str], to
     names = [p.stem for p in files]
     names = names if len(set(names)) == len(names) else [p.name.replace(".", "_") for p in files]
     resolution = data.resolution
+    if not mask.strip():
+        raise EditError(f"--mask is empty; give {' | '.join(NAMED_MASKS)} or a black-and-white PNG (white = "
+                        f"generate)")
     fill = named_mask(mask, resolution)
     if fill is not None:
         return names, known, fill.expand(len(files), -1, -1).unsqueeze(1)
     path = Path(mask)
     if not path.is_file():
         raise EditError(f"--mask {mask}: not a file nor a named mask ({', '.join(NAMED_MASKS)})")
-    drawn = match_channels(read_image(path, "--mask"), 1)  # [1, 1, h, w]
+    drawn = read_image(path, "--mask")  # [1, C, h, w]
+    if drawn.shape[1] != 1 and not bool((drawn == drawn[:, :1]).all()):
+        raise EditError(f"--mask {mask}: a colour image; a mask is black and white (grey): white = generate, "
+                        f"black = keep")
+    drawn = drawn[:, :1]  # [1, 1, h, w]
     size = tuple(drawn.shape[-2:])
     masks = []
     for p, x in zip(files, raw):
@@ -119,7 +140,14 @@ def load_inputs(image: Path, mask: str, data: DataConfig) -> tuple[list[str], to
         else:
             raise EditError(f"--mask {mask}: {size[1]}x{size[0]} px; expected {resolution}x{resolution} (the "
                             f"run's resolution) or the size of {p.name} ({x.shape[-1]}x{x.shape[-2]})")
-    return names, known, torch.cat(masks) >= 128  # [N, 1, R, R]
+    if not bool((drawn >= 128).any()):
+        raise EditError(f"--mask {mask}: all black, so nothing would be generated; paint white where images are "
+                        f"to be generated")
+    fill = torch.cat(masks) >= 128  # [N, 1, R, R]
+    if not bool(fill.flatten(1).any(1).all()):  # white too thin to survive the resize to the run's resolution
+        raise EditError(f"--mask {mask}: no white pixel left at the run's resolution {resolution}, so nothing would "
+                        f"be generated; paint a larger white region")
+    return names, known, fill
 
 
 class Reimpose:

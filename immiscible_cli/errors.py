@@ -64,10 +64,13 @@ class OutOfMemory(EnvironmentFailure):
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """MemoryError, torch.OutOfMemoryError (CUDA, MPS) or the CPU allocator's RuntimeError; torch not imported."""
+    """MemoryError, torch.OutOfMemoryError (CUDA, MPS) or the CPU allocator's RuntimeError ("not enough memory", or
+    "can't allocate memory" under a memory limit); torch not imported."""
     text = str(e)
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("out of memory" in text.lower()
-                                                                             or "not enough memory" in text))
+    lowered = text.lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        words in lowered for words in ("out of memory", "not enough memory", "can't allocate memory",
+                                       "cannot allocate memory")))  # the last two: CPU allocator, mmap
 
 
 @contextmanager

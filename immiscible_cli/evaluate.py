@@ -55,6 +55,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
     points scored the same way."""
     configs = [sampling_config(run, overrides) for run in targets]  # a bad --set fails before any work
     for run in targets:  # each run's fid.jsonl must take rows: a read-only or full disk fails before any scoring
+        run.check_files()  # and be the run's own file, not a symlink out of it
         check_writable(run.fid_path(), "file", append=True)
     for spec in ckpts:  # before any reference statistics are computed
         if spec != "all":

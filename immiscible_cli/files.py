@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,42 @@ DAMAGED = ".damaged"  # suffix of the file beside a JSONL file that keeps the cu
 
 class FileFormatError(UserError):
     """A file of ours that cannot be parsed; the message names the file and the line."""
+
+
+def own_file_problem(path: Path, root: Path | None = None) -> str | None:
+    """Why `path` must not be read, written, repaired or locked by us, in a few words; None when it may be: it does
+    not exist, or it is a regular file that lies inside `root` (default: the folder holding it) after symlinks
+    are followed. A symlink that leaves `root` (to another user's file, a system file) and anything but a regular
+    file (a FIFO would hang a reader, a device or socket is not ours) are refused."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(os.path.realpath(root if root is not None else path.parent)):
+            return f"it is a symlink to {target}, outside {root if root is not None else path.parent}"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a dangling symlink inside root: writing creates its target there
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        return f"it is {kind}, not a regular file"
+    return None
+
+
+class ForeignFileError(UserError):
+    """A file a run would write, repair, lock or read that is a symlink leaving its folder or not a regular file."""
+
+
+def check_own_file(path: Path, root: Path | None = None) -> None:
+    """ForeignFileError (one line naming the file and what to do) when `own_file_problem` finds one."""
+    problem = own_file_problem(path, root)
+    if problem:
+        raise ForeignFileError(f"{path}: {problem}; nothing is written through it: replace it with a regular file "
+                               f"(or remove it)")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -83,8 +120,8 @@ _CUT = object()  # what _loads returns for a line that is not JSON
 def _loads(line: bytes) -> Any:
     try:
         return json.loads(line)
-    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
-        return _CUT
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError for bytes that are not text, or
+        return _CUT  # nesting past the recursion limit: not a row of ours either
 
 
 def _row(path: Path, number: int, value: Any, schema: RowSchema | None) -> dict[str, Any]:
@@ -141,6 +178,7 @@ def _end_at_line_end(f: BinaryIO, path: Path) -> None:
         f.write(b"\n")
     else:
         damaged = path.with_name(path.name + DAMAGED)
+        check_own_file(damaged)
         with open(damaged, "ab") as kept:  # the copy is on disk before anything is cut
             kept.write(tail + b"\n")
             kept.flush()
@@ -153,7 +191,9 @@ def _end_at_line_end(f: BinaryIO, path: Path) -> None:
 
 
 def repair_jsonl(path: Path) -> None:
-    """Before a JSONL file is rewritten or appended to: move a last line a crash cut off to <file>.damaged."""
+    """Before a JSONL file is rewritten or appended to: move a last line a crash cut off to <file>.damaged. A file
+    that is a symlink leaving its folder or not a regular file is refused (`check_own_file`), never cut."""
+    check_own_file(path)
     if path.is_file():
         with open(path, "r+b") as f:
             _end_at_line_end(f, path)
@@ -161,7 +201,9 @@ def repair_jsonl(path: Path) -> None:
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Append one row and flush it to disk, after repairing a last line a crash cut off (`repair_jsonl`), so a new
-    row is never glued onto half of an old one."""
+    row is never glued onto half of an old one. Refuses a symlink leaving the folder or a non-regular file
+    (`check_own_file`)."""
+    check_own_file(path)
     with open(path, "a+b") as f:
         _end_at_line_end(f, path)
         f.write((json.dumps(row, sort_keys=False) + "\n").encode())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import checkpoint, distributed, start_noise
 from .config import Config
-from .errors import UserError
+from .errors import OutOfMemory, UserError
 from .models.unet import UNet
 from .runs import Run
 
@@ -24,8 +26,32 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_network(cfg: Config) -> UNet:
-    """The configured UNet for the configured data (channels, resolution)."""
+    """The configured UNet for the configured data (channels, resolution). Counted on the meta device first: a
+    network whose weights alone exceed this machine's memory is an OutOfMemory naming model.channels, before
+    anything is allocated."""
+    if torch.empty(0).device.type != "meta":
+        check_network_fits(cfg)
     return UNet(cfg.model, image_channels=cfg.data.channels, resolution=cfg.data.resolution)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_network_fits(cfg: Config) -> None:
+    """OutOfMemory when the configured network's float32 weights are larger than this machine's memory."""
+    with torch.device("meta"):
+        net = UNet(cfg.model, image_channels=cfg.data.channels, resolution=cfg.data.resolution)
+    size = 4 * sum(p.numel() for p in net.parameters())
+    memory = host_memory_bytes()
+    if memory is not None and size > memory:
+        raise OutOfMemory(f"model: the network has {size // 4:,} parameters ({size / 2**30:.1f} GiB of weights), "
+                          f"more than this machine's {memory / 2**30:.1f} GiB; lower model.channels (now "
+                          f"{cfg.model.channels}) or model.channel_mult")
 
 
 def expected_snapshot(cfg: Config) -> checkpoint.Expected:
@@ -33,7 +59,8 @@ def expected_snapshot(cfg: Config) -> checkpoint.Expected:
     is built on the meta device: no memory is allocated)."""
     with torch.device("meta"):
         net = build_network(cfg)
-    return checkpoint.Expected(cfg, {name: tuple(t.shape) for name, t in net.state_dict().items()})
+    return checkpoint.Expected(cfg, {name: tuple(t.shape) for name, t in net.state_dict().items()},
+                               tuple(tuple(p.shape) for p in net.parameters()))
 
 
 def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bool = True,

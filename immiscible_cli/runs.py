@@ -38,11 +38,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
-from .config import Config, load_run_config
+from .config import Config, load_run_config, read_yaml
 from .errors import UserError
-from .files import RowSchema, append_jsonl, read_jsonl, repair_jsonl, write_atomic, write_jsonl
+from .files import (FileFormatError, RowSchema, append_jsonl, check_own_file, read_jsonl, repair_jsonl, write_atomic,
+                    write_jsonl)
 from .provenance import provenance
 
 CONFIG = "config.yaml"
@@ -126,11 +126,21 @@ class Run:
         return load_run_config(self.config_path())
 
     def config_dict(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path().read_text()) or {}
+        """config.yaml as read (ConfigError naming the file: not YAML, a duplicate key, nested too deep)."""
+        return read_yaml(self.config_path())
 
     def meta(self) -> dict[str, Any]:
+        """meta.json ({} when absent); a FileFormatError naming the file when it is not a JSON object."""
         path = self.path / META
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            meta = json.loads(path.read_bytes())
+        except (ValueError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict):
+            raise FileFormatError(f"{path}: not a JSON object; restore it or remove it (it only records provenance)")
+        return meta
 
     def update_meta(self, **fields: Any) -> None:
         """Add or replace top-level fields of meta.json (atomically)."""
@@ -160,12 +170,21 @@ class Run:
         append_jsonl(self.path / METRICS, row)
 
     def log(self, line: str) -> None:
+        check_own_file(self.path / LOG)
         with open(self.path / LOG, "a") as f:
             f.write(line.rstrip("\n") + "\n")
 
     def lock(self, purpose: str = "trained") -> "RunLock":
-        """The run's lock, held by `train` ("trained") and by `eval` while it scores ("evaluated")."""
+        """The run's lock, held by `train` ("trained") and by `eval` while it scores ("evaluated"). The files the
+        holder writes are checked first (`check_files`): the error comes before any work."""
+        self.check_files()
         return RunLock(self.lock_path(), purpose)
+
+    def check_files(self) -> None:
+        """ForeignFileError unless every file a run writes, repairs or locks is a regular file inside the run (or
+        absent): a symlink out of the run would have it append to, cut or overwrite a file that is not its own."""
+        for name in (LOCK, LOG, METRICS, FID, META, CONFIG, METRICS + ".damaged", FID + ".damaged"):
+            check_own_file(self.path / name, self.path)
 
     def truncate_after(self, kimg: float) -> int:
         """Drop metrics and FID rows past `kimg` (written after the checkpoint a resumed run restarts from, so the
@@ -194,6 +213,7 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        check_own_file(self.path)  # never truncate a file outside the run, never block on a FIFO
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,8 +282,10 @@ def holds_run(path: Path) -> bool:
 def check_new_run_dir(path: Path) -> None:
     """A RunError, before anything is written, unless `path` can become a new run: a folder that does not exist yet,
     an empty one, or one a crashed `create_run_at` left half made. A run, a file or a folder holding anything else
-    is refused and left untouched."""
+    is refused and left untouched; so is a path that is not valid UTF-8 (config.yaml, meta.json and the logs
+    record it as text)."""
     path = Path(path)
+    check_text_path(path, "--run-dir")
     if (path / CONFIG).exists():  # not holds_run: a config.yaml that is not a file is refused too
         raise RunError(f"{path}: already holds a run")
     if path.exists() and not path.is_dir():
@@ -280,7 +302,21 @@ def _half_made(p: Path) -> bool:
     empty checkpoints/ and samples/."""
     if p.name in (CHECKPOINTS, SAMPLES):
         return p.is_dir() and not any(p.iterdir())
-    return p.name == META or p.name.startswith((f".{META}.tmp-", f".{CONFIG}.tmp-"))
+    if p.name == META:
+        return _our_meta(p)
+    return p.name.startswith((f".{META}.tmp-", f".{CONFIG}.tmp-")) and p.is_file() and not p.is_symlink()
+
+
+def _our_meta(p: Path) -> bool:
+    """A meta.json `_populate` wrote (a regular file holding a JSON object with our `immiscible_version`), not
+    another tool's file of the same name."""
+    if p.is_symlink() or not p.is_file():
+        return False
+    try:
+        meta = json.loads(p.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and "immiscible_version" in meta and "argv" in meta
 
 
 def _populate(path: Path, config: Config, argv: list[str] | None, device: str) -> Run:
@@ -291,9 +327,21 @@ def _populate(path: Path, config: Config, argv: list[str] | None, device: str) -
     return Run(path)
 
 
+def check_text_path(path: Path, option: str = "") -> None:
+    """RunError when `path` holds bytes that are not UTF-8 (os.fsdecode keeps them as lone surrogates, which cannot
+    be printed or written as text)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "backslashreplace").decode()
+        raise RunError(f"{option + ' ' if option else ''}{shown}: the path is not valid UTF-8; choose a name in "
+                       f"UTF-8") from None
+
+
 def open_run(path: Path | str) -> Run:
     """An existing run directory, or RunError saying why the path is not one."""
     path = Path(path)
+    check_text_path(path)
     if not path.exists():
         raise RunError(f"{path}: no such run directory")
     if not path.is_dir() or not (path / CONFIG).is_file():

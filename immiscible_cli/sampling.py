@@ -63,6 +63,8 @@ def parse_seeds(seeds: str | None, num: int | None) -> SeedRanges:
     if seeds and num:
         raise UserError("give --num or --seeds, not both")
     if not seeds:
+        if num is not None and num > sys.maxsize:
+            raise UserError(f"--num {num}: at most {sys.maxsize} images; give a smaller number")
         return SeedRanges([range(num or 64)])
     result = []
     try:

@@ -40,6 +40,7 @@ def plan(preset: str | None, overrides: list[str] | None, *, out_dir: Path, run_
     cfg = load_config(preset, overrides or [])
     if run_dir is None:
         return Plan(cfg, runs.next_run_path(out_dir, cfg.name), continues=False)
+    runs.check_text_path(run_dir, "--run-dir")  # a path that cannot be written as text: one line, nothing made
     continues = runs.holds_run(run_dir)
     if not continues and run_dir.is_dir():
         runs.check_new_run_dir(run_dir)  # a folder holding anything else: refused before any work, dry run too

@@ -493,7 +493,7 @@ def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: b
 def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:
     # we hold the run's lock: no snapshot is being written
     for path in distributed.on_main(lambda: checkpoint.remove_leftovers(run)):
-        reporter.note(f"removed {path.name}, left by a snapshot write that was killed")
+        reporter.note(f"removed {path.name}, left by a write that was killed")
     if distributed.active():
         resumed = train_ranks.resume(loop, run)
     else:

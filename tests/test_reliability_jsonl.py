@@ -282,7 +282,7 @@ def test_which_folders_can_become_a_run(tmp_path):
     half = tmp_path / "half"  # a create that crashed before config.yaml
     for name in ("checkpoints", "samples"):
         (half / name).mkdir(parents=True)
-    (half / "meta.json").write_text("{}")
+    (half / "meta.json").write_text('{"argv": [], "immiscible_version": "0"}')  # ours: another tool's is refused
     (half / ".config.yaml.tmp-123").write_text("")
     runs.check_new_run_dir(half)
     (tmp_path / "file").write_text("x")

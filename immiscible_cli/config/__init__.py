@@ -1,8 +1,8 @@
 """Configuration: the schema (`schema.py`) apart from loading, presets, `--set` and errors (`loading.py`)."""
 
 from .loading import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, ConfigError, changed_fields, check_sampler,
-                      check_steps, list_presets, load_config, load_run_config, preset_dir, read_yaml, resolve_preset,
-                      resumable, validate, with_overrides)
+                      check_steps, list_presets, load_config, load_run_config, load_yaml, preset_dir, read_yaml,
+                      resolve_preset, resumable, validate, with_overrides)
 from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIVE_SECTIONS, SAMPLERS, Assigner,
                      Config, DataConfig, DDPMObjective, EvalConfig, FlowObjective, KNNAssigner, LinearAssigner,
                      ModelConfig, Objective, SampleConfig, TrainConfig, VanillaAssigner)
@@ -12,5 +12,6 @@ __all__ = [
     "SAMPLING_OVERRIDES", "Assigner", "Config", "ConfigError", "DDPMObjective", "DataConfig", "EvalConfig",
     "FlowObjective", "KNNAssigner", "LinearAssigner", "ModelConfig", "Objective", "SampleConfig", "TrainConfig",
     "VanillaAssigner", "changed_fields", "check_sampler", "check_steps", "list_presets", "load_config",
-    "load_run_config", "preset_dir", "read_yaml", "resolve_preset", "resumable", "validate", "with_overrides",
+    "load_run_config", "load_yaml", "preset_dir", "read_yaml", "resolve_preset", "resumable", "validate",
+    "with_overrides",
 ]

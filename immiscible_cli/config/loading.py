@@ -83,9 +83,42 @@ def resolve_preset(preset: str | None) -> Path:
     return shipped
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the last one silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:  # the keys written here (a key merged in with << may be overridden)
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice; keep one",
+                                                    key_node.start_mark)
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (a yaml.YAMLError). Nesting past Python's recursion limit raises
+    RecursionError: callers name their file (`read_yaml`) or option."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep to read; give a YAML file of sections and fields") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -114,9 +147,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not all(keys):
         raise ConfigError(f"--set {override}: bad field path '{path}', expected section.field=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"--set {path}=...: the value is nested too deep; give a number, word or short "
+                          f"list") from None
     node = raw
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -239,5 +275,10 @@ def check_steps(cfg: Config, steps: int, option: str = "--steps") -> None:
 
 
 def load_run_config(path: Path) -> Config:
-    """The resolved config.yaml of a run directory."""
-    return validate(read_yaml(path), str(path))
+    """The resolved config.yaml of a run directory; an empty one is an error, not the default config (a run's
+    config is always written whole)."""
+    raw = read_yaml(path)
+    if not raw:
+        raise ConfigError(f"{path}: empty; a run's config.yaml holds its resolved config: restore it (the snapshots "
+                          f"hold a copy)")
+    return validate(raw, str(path))

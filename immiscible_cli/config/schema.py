@@ -22,6 +22,12 @@ SamplerName = Literal[tuple(name for names in SAMPLERS.values() for name in name
 
 MAX_KIMG = 1e9
 """Upper bound of every kimg length or interval (10^12 images), so that kimg x 1000 is an exact integer count."""
+# Upper bounds of counts and sizes, far above any real run, so an absurd value is one line naming the field instead
+# of an allocator traceback or a run that never ends
+MAX_BATCH = 65_536  # images in one batch (train, sample, eval), neighbours in the KNN assigner
+MAX_WIDTH = 4_096  # channels of the UNet's first level, of an attention head
+MAX_STEPS = 100_000  # diffusion timesteps, sampling steps
+MAX_FID_IMAGES = 10_000_000  # generated or real images behind one FID point (50k is the usual)
 
 
 def _off_or_one_image(value: float) -> float:
@@ -76,15 +82,16 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    channels: int = Field(128, ge=8)
+    channels: int = Field(128, ge=8, le=MAX_WIDTH)
     """Base channel count of the UNet, in channels."""
-    channel_mult: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    channel_mult: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1,
+                                                           max_length=16)
     """Channel multiplier per resolution level; len - 1 downsamplings."""
-    num_res_blocks: int = Field(2, ge=1)
+    num_res_blocks: int = Field(2, ge=1, le=64)
     """Residual blocks per resolution level."""
-    attn_resolutions: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16])
+    attn_resolutions: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=lambda: [16])
     """Feature-map sides (in pixels) at which self-attention is applied."""
-    head_channels: int = Field(64, ge=1)
+    head_channels: int = Field(64, ge=1, le=MAX_WIDTH)
     """Channels per attention head (heads = channels at that level / head_channels)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout probability inside residual blocks."""
@@ -98,7 +105,7 @@ class ModelConfig(_Section):
 
 class DDPMObjective(_Section):
     kind: Literal["ddpm"] = "ddpm"
-    timesteps: int = Field(1000, ge=2)
+    timesteps: int = Field(1000, ge=2, le=MAX_STEPS)
     """Number of diffusion steps T."""
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     """beta_1 of the linear schedule."""
@@ -167,7 +174,7 @@ class LinearAssigner(_AssignerBase):
 
 class KNNAssigner(_AssignerBase):
     name: Literal["knn"] = "knn"
-    k: int = Field(8, ge=1)
+    k: int = Field(8, ge=1, le=MAX_BATCH)
     """Candidates per image; the nearest in L2 is kept. k = 1 is vanilla."""
     memory_budget_mib: float = Field(1024.0, gt=0.0)
     """Most extra memory the candidate search may hold at once, in MiB (candidates are processed in chunks)."""
@@ -194,9 +201,9 @@ Assigner = Annotated[Union[tuple(ASSIGNER_SECTIONS.values())], Field(discriminat
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     """Images per optimisation step (over all devices)."""
-    batch_gpu: int | None = Field(None, ge=1)
+    batch_gpu: int | None = Field(None, ge=1, le=MAX_BATCH)
     """Images per forward/backward pass on each process; the gradients of batch_size / processes / batch_gpu
     passes are accumulated into one step (a divisor of that share). None = the whole share in one pass."""
     total_kimg: Kimg = 200_000.0
@@ -230,7 +237,7 @@ class TrainConfig(_Section):
     """Status line and metrics row every this many thousand images."""
     snapshot_kimg: Kimg = 1000.0
     """Checkpoint and sample grid every this many thousand images."""
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1, le=1_000_000)
     """Checkpoints kept (newest first), besides the keep_every_kimg ones."""
     keep_every_kimg: OptionalKimg = 0.0
     """Also keep every checkpoint at a multiple of this many thousand images; 0 = none."""
@@ -261,7 +268,7 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     sampler: SamplerName | None = None
     """Sampler; None = the objective's default (ddim for ddpm, euler for flow)."""
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
     """Sampling steps N (network evaluations per image for ddim/ddpm/euler, one more on the stride grid where N
     does not divide T; about twice that for heun; dopri5
     chooses its own steps)."""
@@ -279,9 +286,9 @@ class SampleConfig(_Section):
     """dopri5: relative tolerance of the adaptive ODE solver (torchcfm's CIFAR-10 value)."""
     guidance: float = Field(1.0, ge=0.0)
     """Classifier-free guidance weight; 1.0 = none."""
-    grid_size: int = Field(64, ge=1)
+    grid_size: int = Field(64, ge=1, le=4096)
     """Images in each snapshot grid."""
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     """Images generated per forward pass."""
     noise: Literal["per-image", "counter"] = "per-image"
     """Starting (and sampler) noise of seed i: `per-image` = one torch.Generator per image (every result so far),
@@ -303,11 +310,11 @@ class SampleConfig(_Section):
 class EvalConfig(_Section):
     every_kimg: OptionalKimg = 0.0
     """FID every this many thousand images during training; 0 = off."""
-    num_images: int = Field(10_000, ge=2)
+    num_images: int = Field(10_000, ge=2, le=MAX_FID_IMAGES)
     """Generated images per FID point."""
     sampler: SamplerName | None = None
     """Sampler for FID images; None = sample.sampler."""
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
     """Sampling steps for FID images."""
     mode: Literal["clean", "legacy_tensorflow"] = "clean"
     """clean-fid resize mode."""
@@ -315,9 +322,9 @@ class EvalConfig(_Section):
     """Reference statistics: computed from the dataset's real images, or clean-fid's published ones (CIFAR-10)."""
     reference_split: Literal["train", "test"] = "train"
     """Split of the real images behind the reference statistics."""
-    reference_images: int | None = Field(None, ge=2)
+    reference_images: int | None = Field(None, ge=2, le=MAX_FID_IMAGES)
     """Real images behind computed statistics; None = the whole split."""
-    batch_size: int = Field(250, ge=1)
+    batch_size: int = Field(250, ge=1, le=MAX_BATCH)
     """Images per batch through the generator and the Inception network."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """The generator network's precision while sampling FID images (bf16: autocast, sampler state in float32;

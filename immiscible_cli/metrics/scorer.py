@@ -78,13 +78,15 @@ class FIDScorer:
         real = load_images(data.model_copy(update={"max_images": None}), split)  # the whole split, not a subset
         total = len(real)
         count = min(self.reference_images or total, total)
-        key = ReferenceKey.for_extractor(real.name, split, data.resolution, count, self.extractor)
+        chosen = real.images
+        if count < total:
+            pick = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SEED))[:count]
+            chosen = chosen[pick.sort().values]
+        # keyed by the images actually used: two folders of one name, pad or resize, grey or colour differ
+        key = ReferenceKey.for_extractor(real.name, split, data.resolution, count, self.extractor, chosen,
+                                         data.source)
 
         def images() -> Iterator[torch.Tensor]:
-            chosen = real.images
-            if count < total:
-                pick = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SEED))[:count]
-                chosen = chosen[pick.sort().values]
             return iter(chosen.split(self.batch))
 
         self._real_batches = images
