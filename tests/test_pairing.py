@@ -4,6 +4,7 @@ to one."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from immiscible_cli import pairing, runs, trainer
 from immiscible_cli.config import KNNAssigner, LinearAssigner, VanillaAssigner, load_config
 from immiscible_cli.data import load_images, mean_image
 
+ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # name -> (rule, params): every rule and KNN score
     "vanilla": ("vanilla", {}), "linear": ("linear", {}), "linear_fp16": ("linear", {"quantize": "fp16"}),
     "knn": ("knn", {"k": 4}), "knn_direction": ("knn", {"k": 4, "knn_score": "direction"}),
@@ -167,7 +169,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DIST_CASES = {"linear": {"scope": "global"}, "knn": {"k": 5}, "vanilla": {}}
+DIST_ROOT = Path(__file__).resolve().parents[1]
+CASES = {"linear": {"scope": "global"}, "knn": {"k": 5}, "vanilla": {}}
 
 
 def _two_ranks(rank: int, world: int, port: int, root: str) -> None:
@@ -193,3 +196,21 @@ def test_two_processes_pair_their_rows_of_the_one_process_result(tmp_path):
         alone = pairing.pair(x, name, torch.Generator().manual_seed(7), **params)[1]
         assert torch.equal(torch.cat([r0[name], r1[name]]), alone), name  # global assignment: bit for bit
     assert torch.equal(r0["alone"], pairing.pair(x[:4], "linear", torch.Generator().manual_seed(7))[1])
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_the_api_docs_examples_run(capsys):
+    blocks = python_blocks(ROOT / "docs" / "API.md")
+    assert len(blocks) == 4  # vanilla, linear, knn, image scaling
+    for block in blocks:
+        exec(compile(block, "docs/API.md", "exec"), {})
+    assert "distance reduction 0." in capsys.readouterr().out
+
+
+def test_the_readme_shows_the_api_in_about_ten_lines():
+    (block,) = [b for b in python_blocks(ROOT / "README.md") if "immiscible_cli import pairing" in b]
+    compile(block, "README.md", "exec")
+    assert len(block.splitlines()) <= 12 and "pairing.pair(" in block and "pairing.decode(" in block
