@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import assigners, checkpoint, distributed, loggers, runs, start_noise, train_batches, train_ranks
+from . import assigners, checkpoint, distributed, loggers, pairing, runs, start_noise, train_batches, train_ranks
 from .assigners.shard import Shard
 from .assigners.meter import PairingMeter
 from .config import Config
@@ -117,7 +117,8 @@ class TrainingLoop:
         self.stream = BatchStream(data, t.batch_size, device, cfg.seed, cfg.data.hflip, resident,
                                   self.shard.rows if self.shard else None)
         self.center = self.data_mean(data)  # the data mean KNN's `centred` score needs; None for other rules
-        self.meter = PairingMeter(device, functools.partial(assigners.pair, center=self.center, shard=self.shard))
+        # The public API's layer (pairing.py): the trainer is its first user, so API and trainer pair alike.
+        self.meter = PairingMeter(device, functools.partial(pairing.pair_config, center=self.center, shard=self.shard))
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         self.moments = start_noise.NoiseMoments.zeros(shape, device)  # this process's share since the start
         self.batches = PairedBatches(self.stream, self.meter, cfg.assigner, self.generators, device,
