@@ -27,8 +27,8 @@ from rich.console import Console
 from .compare_curves import (Crossing, Curve, Points, crossing, kimg_to_reach, mean_curve, shared_kimg_points,
                              speedup, value_at)
 from .compare_plot import PlotLine, write_plot
-from .compare_runs import (CompareError, Entry, Member, assigner_label, choose_fid_rows, curve_from_rows,
-                           describe_differences, experiment_key, fid_rows, load_entries, open_runs)
+from .compare_runs import (THROUGHPUT_SPREAD_WARNING, CompareError, Entry, Member, assigner_label, choose_fid_rows,
+                           curve_from_rows, describe_differences, experiment_key, fid_rows, load_entries, open_runs)
 from .compare_seeds import make_pair, pair_by_seed, summarize
 from .compare_table import csv_text, print_table
 from .files import check_writable
@@ -136,6 +136,11 @@ def main(runs: list[Path], *, target: float | None, baseline: Path | None, plot:
                   f"undefined; choose a larger --target", markup=False, highlight=False)
     at_kimg = shared_kimg_points([e.curve.kimg for e in entries])
     rows = [summary_row(e, target_fid, base_cost, at_kimg) for e in entries]
+    busy = [e for e in entries if e.throughput_spread is not None and e.throughput_spread > THROUGHPUT_SPREAD_WARNING]
+    if busy:
+        spreads = ", ".join(f"{e.name} {e.throughput_spread:.1f}x" for e in busy)
+        err.print(f"warning: training speed varied between ticks ({spreads} fastest over slowest img/s): the machine was shared part of the time, so their time "
+                  f"speed-ups measure the machine as much as the method", markup=False, highlight=False)
     for entry, row in zip(entries, rows):
         row["seeds"] = seed_block(entry, base, target, err)
     if plot is not None:  # before printing: if writing fails, nothing has reached stdout yet

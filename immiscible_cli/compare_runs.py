@@ -191,6 +191,7 @@ class Entry:
     kimg_trained: float
     settings: dict[str, Any]
     seeds: list[Member] = field(default_factory=list)
+    throughput_spread: float | None = None  # fastest over slowest tick's img/s (ticks after the first), any member
 
     @property
     def label(self) -> str:
@@ -214,7 +215,19 @@ def _single(run: Run, name: str, rows: list[dict[str, Any]], chosen: list[dict[s
     trained = max([r["kimg"] for r in rows] + [m["kimg"] for m in metrics if _number(m.get("kimg"))])
     curve = curve_from_rows(chosen, metrics)
     return Entry(name, [name], config, curve, float(trained), fid_settings(chosen[0]),
-                 [Member(name, config.get("seed"), curve)])
+                 [Member(name, config.get("seed"), curve)], throughput_spread(metrics))
+
+
+THROUGHPUT_SPREAD_WARNING = 2.0
+"""A run whose ticks' img/s differ by more than this factor trained on a machine that was busy with other work
+part of the time: compare warns that its time speed-up measures the machine as much as the method."""
+
+
+def throughput_spread(metrics: list[dict[str, Any]]) -> float | None:
+    """Fastest over slowest img/s of the run's ticks, the first left out (it includes start-up); None with fewer
+    than two such ticks."""
+    speeds = [float(m["img_per_s"]) for m in metrics[1:] if _number(m.get("img_per_s")) and m["img_per_s"] > 0]
+    return max(speeds) / min(speeds) if len(speeds) >= 2 else None
 
 
 def _group_name(seeds: list[Entry]) -> str:
@@ -231,6 +244,30 @@ def _group_name(seeds: list[Entry]) -> str:
     return stem if stem else seeds[0].name
 
 
+def _split_replicates(group: list[Entry]) -> list[list[Entry]]:
+    """A group in which a seed occurs twice (a run repeated under another name, e.g. `knn8-s0` and `knn8-kept-s0`)
+    is split by name stem (the name without its seed, as `_group_name` reads it), so that no seed counts twice in a
+    mean curve; a group whose seeds are distinct, or whose names do not separate them, stays as it is."""
+    seeds = [entry.seeds[0].seed for entry in group]
+    if len(set(seeds)) == len(seeds):
+        return [group]
+    by_stem: dict[str, list[Entry]] = {}
+    for entry in group:
+        by_stem.setdefault(_stem(entry), []).append(entry)
+    parts = list(by_stem.values())
+    if (len(parts) > 1 and any(len(part) > 1 for part in parts)  # the names group runs: not all-different names
+            and all(len({e.seeds[0].seed for e in part}) == len(part) for part in parts)):
+        return parts
+    return [group]
+
+
+def _stem(entry: Entry) -> str:
+    """The entry's name without its trailing seed (`knn8-kept-s0` -> `knn8-kept`), or the whole name."""
+    seed = entry.seeds[0].seed
+    match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?(?<!\d){seed}", entry.name) if isinstance(seed, int) else None
+    return match.group(1) if match else entry.name
+
+
 def _merge(seeds: list[Entry]) -> Entry:
     """Runs that differ only in their seed as one entry, compared through their mean curve."""
     curve = seeds[0].curve if len(seeds) == 1 else mean_curve([s.curve for s in seeds])
@@ -239,7 +276,8 @@ def _merge(seeds: list[Entry]) -> Entry:
                            f"evaluated kimg range; evaluate them over a common range")
     return Entry(_group_name(seeds), [s.name for s in seeds], seeds[0].config, curve,
                  statistics.fmean(s.kimg_trained for s in seeds), seeds[0].settings,
-                 [m for s in seeds for m in s.seeds])
+                 [m for s in seeds for m in s.seeds],
+                 max((s.throughput_spread for s in seeds if s.throughput_spread is not None), default=None))
 
 
 def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Console,
@@ -257,7 +295,7 @@ def load_entries(runs: list[Run], names: list[str], *, strict: bool, err: Consol
     for name, run in zip(names, runs):
         single = _single(run, name, rows[name], chosen[name])
         groups.setdefault(experiment_key(single.config), []).append(single)
-    entries = [_merge(seeds) for seeds in groups.values()]
+    entries = [_merge(seeds) for group in groups.values() for seeds in _split_replicates(group)]
     taken = Counter(e.name for e in entries) + Counter(names)
     for entry in entries:  # a group named like a run (a folder `vanilla`) or another group keeps its first member's
         if entry.name not in entry.members and taken[entry.name] > 1:  # name, which no other entry has

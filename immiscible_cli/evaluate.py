@@ -25,6 +25,7 @@ from rich.table import Table
 from . import checkpoint, distributed, runs
 from .config import check_steps
 from .console import Bars, show_table
+from .errors import UserError
 from .files import check_writable
 from .metrics import FIDExtractor
 from .metrics.scorer import FIDScorer, inception_precision
@@ -54,9 +55,13 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
     every run's config; the rows record them, so such a point sits beside the run's own and is compared only with
     points scored the same way."""
     configs = [sampling_config(run, overrides) for run in targets]  # a bad --set fails before any work
+    unwritable: dict[Path, UserError] = {}  # runs whose fid.jsonl takes no rows: an error only if one is due
     for run in targets:  # each run's fid.jsonl must take rows: a read-only or full disk fails before any scoring
         run.check_files()  # and be the run's own file, not a symlink out of it
-        check_writable(run.fid_path(), "file", append=True)
+        try:
+            check_writable(run.fid_path(), "file", append=True)
+        except UserError as e:  # a run already scored with these settings is read, not written: fine read-only
+            unwritable[run.path] = e
     for spec in ckpts:  # before any reference statistics are computed
         if spec != "all":
             checkpoint.parse_spec(spec)
@@ -87,6 +92,8 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         selected = select_checkpoints(run, ckpts)
         rows = read_fid_rows(run)
         writes = bool(unscored(rows))
+        if writes and run.path in unwritable:
+            raise unwritable[run.path]
         with distributed.main_context(lambda: run.lock("evaluated") if writes else contextlib.nullcontext()):
             if writes:  # read again under the lock: rows another eval wrote meanwhile are not scored twice
                 rows = read_fid_rows(run)

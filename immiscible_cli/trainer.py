@@ -458,8 +458,11 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
         check_classes(data, cfg.model.num_classes)  # a conditional model needs a class for every image's label
     except UserError as e:
         raise distributed.everywhere(e) from None
+    continued = run_dir is not None and (resume or runs.holds_run(run_dir))
     run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
     with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
+        if continued:  # under the lock: a second process refused by it records nothing
+            distributed.on_main(lambda: record_continuation(run, argv, str(device)))
         loop = TrainingLoop(cfg, run, data, device, scorer,
                             fid_sink=lambda row: distributed.on_main(lambda: append_fid_row(run, row)))
         reporter = Reporter(run, cfg, console) if distributed.is_main() else train_ranks.SilentReporter(run, cfg)
@@ -476,6 +479,24 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
             scored = distributed.on_main(lambda: frozenset(round(float(r["kimg"]), 6) for r in read_fid_rows(run)))
             loop.run_loop(reporter, scored)
     return run
+
+
+CONTINUATION_FIELDS = ("argv", "immiscible_version", "torch_version", "git_sha", "git_dirty", "device", "start_time")
+
+
+def record_continuation(run: runs.Run, argv: list[str] | None, device: str) -> None:
+    """meta.json of a run being continued: each continuation appends what ran it (`continued`: argv, versions, git
+    commit and dirtiness, device, time), since the code may have changed since the first start; a run whose
+    meta.json is missing gets one again (its `start_time` then says when it was rewritten)."""
+    from .provenance import provenance
+
+    now = provenance(argv, device)
+    if not (run.path / runs.META).exists():
+        run.update_meta(**now, meta_rewritten=True)
+        return
+    earlier = run.meta().get("continued")
+    run.update_meta(continued=[*(earlier if isinstance(earlier, list) else []),
+                               {key: now.get(key) for key in CONTINUATION_FIELDS}])
 
 
 def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: bool, argv, device) -> runs.Run:

@@ -170,7 +170,7 @@ def _free_port() -> int:
 
 
 DIST_ROOT = Path(__file__).resolve().parents[1]
-CASES = {"linear": {"scope": "global"}, "knn": {"k": 5}, "vanilla": {}}
+DIST_CASES = {"linear": {"scope": "global"}, "knn": {"k": 5}, "vanilla": {}}
 
 
 def _two_ranks(rank: int, world: int, port: int, root: str) -> None:

@@ -236,6 +236,23 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     return with_overrides(config, overrides) if overrides else config
 
 
+_VARIANTS = {"objective": ("kind", OBJECTIVE_SECTIONS), "assigner": ("name", ASSIGNER_SECTIONS)}
+
+
+def _drop_fields_of_the_old_variant(base: dict[str, Any], raw: dict[str, Any], overrides) -> None:
+    """`--set objective.kind=ddpm` on a flow preset, or `assigner.name=linear` on a knn one: the section's fields
+    that only the old variant has (from the preset or its defaults, not from this --set) are dropped, so the new
+    variant starts from its own defaults instead of refusing a field the user never set."""
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    for section, (tag, variants) in _VARIANTS.items():
+        old, new = (base.get(section) or {}).get(tag), raw.get(section)
+        if not isinstance(new, dict) or new.get(tag) == old or new.get(tag) not in variants:
+            continue
+        accepted = variants[new[tag]].model_fields
+        for key in [k for k in new if k not in accepted and f"{section}.{k}" not in given]:
+            del new[key]
+
+
 def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
                    allowed: tuple[str, ...] | None = None, where: str = "in a run that has started") -> Config:
     """A copy of config with `--set section.field=value` overrides applied and validated.
@@ -249,6 +266,7 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...],
             raise ConfigError(f"--set {item}: '{key}' cannot change {where} (changeable: "
                               f"{', '.join(a + '*' if a.endswith('.') else a for a in allowed)})")
         apply_override(raw, item)
+    _drop_fields_of_the_old_variant(config.to_dict(), raw, overrides)
 
     def blame(field: str) -> str:
         for item in reversed(overrides):
