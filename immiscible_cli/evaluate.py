@@ -45,6 +45,13 @@ def select_checkpoints(run: runs.Run, specs: list[str]) -> list[checkpoint.Check
     return sorted(chosen.values(), key=lambda c: c.kimg)
 
 
+def _surely_due(run: runs.Run, specs: list[str]) -> bool:
+    """Whether a selected checkpoint of the run has no fid.jsonl row at its kimg at all (so a point is due whatever
+    the settings); cheap, read before any FID network is built."""
+    scored = [r["kimg"] for r in read_fid_rows(run)]
+    return any(not any(abs(kimg - c.kimg) < 5e-4 for kimg in scored) for c in select_checkpoints(run, specs))
+
+
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
                   inception: Path | None, device: str, console: Console,
@@ -60,8 +67,10 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         run.check_files()  # and be the run's own file, not a symlink out of it
         try:
             check_writable(run.fid_path(), "file", append=True)
-        except UserError as e:  # a run already scored with these settings is read, not written: fine read-only
-            unwritable[run.path] = e
+        except UserError as e:  # a run already scored is read, not written: fine read-only. Fail now, before the
+            if _surely_due(run, ckpts):  # FID network and statistics are loaded, when a checkpoint has no row
+                raise
+            unwritable[run.path] = e  # else once its settings say whether a point is due
     for spec in ckpts:  # before any reference statistics are computed
         if spec != "all":
             checkpoint.parse_spec(spec)
