@@ -62,3 +62,12 @@ def train_with_fid(cfg, **kwargs):
     from immiscible_cli.metrics.scorer import training_scorer
 
     return trainer.train(cfg, scorer=training_scorer(cfg, torch.device("cpu")), **kwargs)
+
+
+def only_error(result) -> str:
+    """The one line of a clean CLI failure (typer's CliRunner result): no traceback, nothing but `error: ...`."""
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, only_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -27,14 +27,6 @@ from immiscible_cli.images import grid_image
 runner = CliRunner()
 LONG = "a" * 300
 
-
-def only_error(result) -> str:
-    """The one line of a clean failure: no traceback, nothing but `error: ...`."""
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def refuse_writes_under(monkeypatch, folder, code=errno.EROFS, on="open"):

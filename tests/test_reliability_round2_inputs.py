@@ -5,7 +5,7 @@ the file, exit 2, no traceback."""
 from __future__ import annotations
 
 import pytest
-from conftest import TINY
+from conftest import TINY, only_error
 from typer.testing import CliRunner
 
 from immiscible_cli.cli import app
@@ -13,13 +13,6 @@ from immiscible_cli.cli import app
 runner = CliRunner()
 SETS = [a for s in TINY for a in ("--set", s)]
 
-
-def only_error(result) -> str:
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("env", [{"WORLD_SIZE": "two"}, {"WORLD_SIZE": "2", "RANK": "x", "LOCAL_RANK": "0"},

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, only_error
 from typer.testing import CliRunner
 
 from immiscible_cli import checkpoint, trainer
@@ -20,13 +20,6 @@ from immiscible_cli.runs import Run
 
 runner = CliRunner()
 
-
-def only_error(result) -> str:
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
