@@ -235,11 +235,7 @@ def _group_name(seeds: list[Entry]) -> str:
     `vanilla-s1` -> `vanilla`, as `immiscible study` names runs); otherwise its first member's name."""
     if len(seeds) == 1:
         return seeds[0].name
-    stems = set()
-    for entry in seeds:
-        seed = entry.seeds[0].seed
-        match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?(?<!\d){seed}", entry.name) if isinstance(seed, int) else None
-        stems.add(match.group(1) if match else None)
+    stems = {_stem(entry) for entry in seeds}
     stem = stems.pop() if len(stems) == 1 else None
     return stem if stem else seeds[0].name
 
@@ -253,7 +249,7 @@ def _split_replicates(group: list[Entry]) -> list[list[Entry]]:
         return [group]
     by_stem: dict[str, list[Entry]] = {}
     for entry in group:
-        by_stem.setdefault(_stem(entry), []).append(entry)
+        by_stem.setdefault(_stem(entry) or entry.name, []).append(entry)
     parts = list(by_stem.values())
     if (len(parts) > 1 and any(len(part) > 1 for part in parts)  # the names group runs: not all-different names
             and all(len({e.seeds[0].seed for e in part}) == len(part) for part in parts)):
@@ -261,11 +257,11 @@ def _split_replicates(group: list[Entry]) -> list[list[Entry]]:
     return [group]
 
 
-def _stem(entry: Entry) -> str:
-    """The entry's name without its trailing seed (`knn8-kept-s0` -> `knn8-kept`), or the whole name."""
+def _stem(entry: Entry) -> str | None:
+    """The entry's name without its trailing seed (`knn8-kept-s0` -> `knn8-kept`); None when it does not end in it."""
     seed = entry.seeds[0].seed
     match = re.fullmatch(rf"(.+?)[-_.]?(?:s|seed)?(?<!\d){seed}", entry.name) if isinstance(seed, int) else None
-    return match.group(1) if match else entry.name
+    return match.group(1) if match else None
 
 
 def _merge(seeds: list[Entry]) -> Entry:
