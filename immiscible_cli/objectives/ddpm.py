@@ -19,13 +19,14 @@ clip_sample); DDIM then recomputes eps from the clipped x0 so that the step stay
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from immiscible_cli.config import SAMPLERS, DDPMObjective
+from immiscible_cli.config import SAMPLERS, DDPMObjective, SampleConfig
 from immiscible_cli.objectives.guidance import guided_prediction
+from immiscible_cli.objectives.protocol import Coefficients
 
 GRIDS: tuple[str, ...] = ("linspace", "stride")
 
@@ -34,6 +35,9 @@ class DDPM:
     """Epsilon-prediction diffusion with a linear beta schedule (config `objective.kind: ddpm`)."""
 
     samplers: tuple[str, ...] = SAMPLERS["ddpm"]
+    editable_samplers: tuple[str, ...] = SAMPLERS["ddpm"]  # both call after_step at every step
+    batch_dependent_samplers: tuple[str, ...] = ()
+    sampler_fields: tuple[str, ...] = ("eta", "clip_x0", "ddim_grid")
 
     def __init__(self, cfg: DDPMObjective):
         self.T = cfg.timesteps
@@ -69,6 +73,27 @@ class DDPM:
         x_t = sqrt_abar[t].view(broadcast) * x0 + sqrt_one_minus_abar[t].view(broadcast) * noise  # [B, C, H, W]
         eps = net(x_t, self.net_time(t), labels)  # [B, C, H, W]
         return (eps.float() - noise.float()).square().flatten(1).mean(dim=1)  # [B]
+
+    def noised(self, data: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
+        """x_t = sqrt(abar) data + sqrt(1 - abar) noise (Ho et al. 2020, Eq. 4) at the sampler level abar."""
+        return math.sqrt(level) * data + math.sqrt(1.0 - level) * noise  # [B, C, H, W]
+
+    def at_level(self, level: float) -> Coefficients:
+        """Noise level in (0, 1] -> t = min(round(level T), T - 1), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n,
+        target n (eps-prediction). Level 0.5 is t = 0.5T, level 1 is t = T - 1."""
+        t = min(round(level * self.T), self.T - 1)
+        abar = float(self.alpha_bar[t])
+        return Coefficients(t, math.sqrt(abar), math.sqrt(1.0 - abar), 0.0, 1.0)
+
+    def times_at_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """Integer timesteps floor(level T) (long, clamped to [0, T)) at noise levels [N]."""
+        return (levels * self.T).floor().long().clamp(0, self.T - 1)
+
+    @classmethod
+    def sampler_settings(cls, sample: SampleConfig, sampler: str) -> dict[str, Any]:
+        """eta (DDIM only), clip_x0 and the timestep grid: the sample.* fields these samplers read."""
+        return {"eta": sample.eta if sampler == "ddim" else None, "clip_x0": sample.clip_x0,
+                "ddim_grid": sample.ddim_grid}
 
     def sampling_timesteps(self, steps: int, grid: str = "linspace") -> list[int]:
         """The N sampler timesteps, descending, on the "linspace" or "stride" grid (see the module docstring)."""
