@@ -135,10 +135,10 @@ class TrainingLoop:
 
     def data_mean(self, data: ImageSet) -> torch.Tensor | None:
         """The training set's mean image in the scaled model space, on the device, when the rule scores against it
-        (assigners.needs_center); its digest goes to log.txt and meta.json. The same bits on every rank."""
-        if not assigners.needs_center(self.cfg.assigner):
+        (assigners.center_for); its digest goes to log.txt and meta.json. The same bits on every rank."""
+        mean = assigners.center_for(self.cfg.assigner, lambda: mean_image(data, self.cfg.data.hflip))  # [C, H, W]
+        if mean is None:
             return None
-        mean = mean_image(data, self.cfg.data.hflip) * self.cfg.assigner.image_scale  # [C, H, W]
         digest = tensor_digest(mean)
         self.notes.append(f"data mean for knn_score=centred: {len(data)} images, sha256 {digest}")
         distributed.on_main(lambda: self.run.update_meta(data_mean_sha256=digest))
