@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed
 from .config import Config, resumable
 from .errors import UserError
 from .files import own_file_problem, write_atomic
@@ -365,12 +366,19 @@ class Resumed:
 def resume(run: Run, load_state: Callable[[dict[str, Any]], None],
            map_location: str | torch.device = "cpu", expected: Expected | None = None) -> Resumed | None:
     """Hand the newest readable snapshot that fits `expected` to `load_state` and cut the run's logs back to its
-    kimg; None when the run has no snapshot yet (a fresh start)."""
-    loaded = load_newest(run, map_location, expected)
+    kimg; None when the run has no snapshot yet (a fresh start). One path for one process or several (one process
+    is the case W = 1): rank 0 reads the snapshot (to `map_location`; with several processes to the CPU, to send it
+    to every rank, so the run directory need not be shared), every rank hands it to `load_state` (the same snapshot
+    everywhere: an error there is the same on every rank), rank 0 cuts the logs back."""
+    where = map_location if distributed.world() == 1 else "cpu"
+    loaded = distributed.on_main(lambda: load_newest(run, where, expected))
     if loaded is None:
         return None
-    load_state(loaded.state)
-    dropped = run.truncate_after(float(loaded.state["nimg"]) / 1000)
+    try:
+        load_state(loaded.state)
+    except UserError as e:
+        raise distributed.everywhere(e)
+    dropped = distributed.on_main(lambda: run.truncate_after(float(loaded.state["nimg"]) / 1000))
     return Resumed(loaded.checkpoint, loaded.skipped, dropped)
 
 

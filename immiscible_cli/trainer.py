@@ -516,11 +516,8 @@ def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:
     # we hold the run's lock: no snapshot is being written
     for path in distributed.on_main(lambda: checkpoint.remove_leftovers(run)):
         reporter.note(f"removed {path.name}, left by a write that was killed")
-    if distributed.active():
-        resumed = train_ranks.resume(loop, run)
-    else:
-        resumed = checkpoint.resume(run, loop.load_state_dict, map_location=loop.device,
-                                    expected=expected_snapshot(loop.cfg))
+    resumed = checkpoint.resume(run, loop.load_state_dict, map_location=loop.device,
+                                expected=expected_snapshot(loop.cfg))  # one process or several
     if resumed is None:
         return
     for message in resumed.skipped:
