@@ -28,7 +28,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import assigners, checkpoint, distributed, loggers, pairing, runs, start_noise, train_batches, train_ranks
+from . import (assigners, checkpoint, checkpoint_devices, distributed, loggers, pairing, runs, start_noise,
+               train_batches, train_ranks)
 from .assigners.shard import Shard
 from .assigners.meter import PairingMeter
 from .config import Config
@@ -264,11 +265,11 @@ class TrainingLoop:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a snapshot, from this device type or another (CUDA <-> CPU, fewer GPUs): see
-        checkpoint.restore_random_streams for what is exact and what is reseeded; `notes` says which."""
+        checkpoint_devices.restore_random_streams for what is exact and what is reseeded; `notes` says which."""
         self.batches.discard()
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(checkpoint.portable_optimizer_state(state["optimizer"], self.optimizer))
+        self.optimizer.load_state_dict(checkpoint_devices.portable_optimizer_state(state["optimizer"], self.optimizer))
         rng = state["rng"]
         if not all(name in rng for name in STREAMS):
             raise checkpoint.CheckpointError(f"{self.run.path}: this checkpoint has one random stream (immiscible "
@@ -276,10 +277,10 @@ class TrainingLoop:
         self.stream.load_state_dict(state["data"])
         self.step, self.nimg, self.train_s = int(state["step"]), int(state["nimg"]), float(state["train_s"])
         self.restore_moments(state.get("noise_moments"))
-        self.notes += checkpoint.restore_random_streams(
+        self.notes += checkpoint_devices.restore_random_streams(
             rng, self.generators, self.device,
             reseed=lambda name: stream_seed(self.cfg.seed, f"{name}:step{self.step}"))
-        if checkpoint.rng_device(rng) == self.device.type:
+        if checkpoint_devices.rng_device(rng) == self.device.type:
             self.saved_world = train_ranks.restore_dropout(state, self.device, self.dropout_seed(self.step))
         else:  # dropout reseeded with the streams (another device's generators: nothing to restore)
             torch.manual_seed(self.dropout_seed(self.step))
