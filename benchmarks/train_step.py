@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from immiscible_cli import runs, trainer
+from immiscible_cli import runs, train_loop, trainer
 from immiscible_cli.config import load_config
 from immiscible_cli.data import ImageSet
 from immiscible_cli.networks import build_network
@@ -71,7 +71,7 @@ def timed_steps(step, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def peak_mib(device: torch.device) -> float:
-    return trainer.peak_memory_mib(device)
+    return train_loop.peak_memory_mib(device)
 
 
 def reset_peak(device: torch.device) -> None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from immiscible_cli import checkpoint, checkpoint_devices, checkpoint_format, trainer
+from immiscible_cli import checkpoint, checkpoint_devices, checkpoint_format, train_state, trainer
 from immiscible_cli.config import load_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +26,7 @@ def as_if_made_on_cuda(path, with_device_tag: bool = True) -> None:
     states, fused Adam groups with float32 step counts."""
     state = checkpoint.load(path)
     rng = state["rng"]
-    for i, name in enumerate(trainer.STREAMS):
+    for i, name in enumerate(train_state.STREAMS):
         rng[name] = torch.tensor([i + 1, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
     rng["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
     if with_device_tag:
