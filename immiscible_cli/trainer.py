@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import assigners, checkpoint, distributed, loggers, runs, train_ranks
+from . import assigners, checkpoint, distributed, loggers, run_create, runs, train_ranks
 from .config import Config
 from .data import check_classes, load_images
 from .errors import UserError
@@ -88,14 +88,14 @@ def record_continuation(run: runs.Run, argv: list[str] | None, device: str) -> N
 def _open_or_create(cfg: Config, out_root: Path, run_dir: Path | None, resume: bool, argv, device) -> runs.Run:
     world = distributed.world()
     if run_dir is None:
-        return train_ranks.record_processes(runs.create_run(out_root, cfg, argv, str(device)), cfg, world)
+        return train_ranks.record_processes(run_create.create_run(out_root, cfg, argv, str(device)), cfg, world)
     if resume or runs.holds_run(run_dir):
         run = runs.open_run(run_dir)
         if not resume and run.config().digest() != cfg.digest():
             raise UserError(f"{run_dir}: holds a run with another config; continue it with `immiscible train "
                             f"--resume {run_dir}` or pick a new --run-dir")
         return run
-    return train_ranks.record_processes(runs.create_run_at(Path(run_dir), cfg, argv, str(device)), cfg, world)
+    return train_ranks.record_processes(run_create.create_run_at(Path(run_dir), cfg, argv, str(device)), cfg, world)
 
 
 def _restore(loop: TrainingLoop, run: runs.Run, reporter: Reporter) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from immiscible_cli import runs, train_batches, train_state, train_step, trainer
+from immiscible_cli import run_create, runs, train_batches, train_state, train_step, trainer
 from immiscible_cli.config import load_config
 from immiscible_cli.data import load_images
 from immiscible_cli.models.unet import GroupNorm, SelfAttention
@@ -27,7 +27,7 @@ def _one_thread():
 
 def make_loop(tmp_path, tiny, *extra: str, device: str = "cpu") -> trainer.TrainingLoop:
     cfg = load_config("quickstart", tiny + list(extra))
-    return trainer.TrainingLoop(cfg, runs.create_run(tmp_path, cfg), load_images(cfg.data), torch.device(device))
+    return trainer.TrainingLoop(cfg, run_create.create_run(tmp_path, cfg), load_images(cfg.data), torch.device(device))
 
 
 def test_attention_equals_the_reference_math_and_hands_sdpa_contiguous_tensors(monkeypatch):

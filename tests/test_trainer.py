@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import train_with_fid
 
-from immiscible_cli import checkpoint, runs, train_loop, trainer
+from immiscible_cli import checkpoint, run_create, runs, train_loop, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import UserError
@@ -280,7 +280,7 @@ def test_ema_warmup_follows_tqch(tmp_path, tiny):
 
     cfg = load_config("quickstart", tiny + ["train.ema_halflife_kimg=null", "train.ema_decay=0.9999",
                                             "train.ema_warmup=true"])
-    run = runs.create_run(tmp_path, cfg)
+    run = run_create.create_run(tmp_path, cfg)
     loop = trainer.TrainingLoop(cfg, run, load_images(cfg.data), torch.device("cpu"))
     assert loop.ema_decay_at(1) == pytest.approx(2 / 11)
     assert loop.ema_decay_at(100) == pytest.approx(101 / 110)
