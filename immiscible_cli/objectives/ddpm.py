@@ -150,29 +150,34 @@ class DDPM:
                 if attempt:  # RePaint's jump back: x_tau ~ q(x_tau | x_tau_prev)
                     x = self.renoise(x, abar_prev, abar, randn)  # [B, C, H, W]
                 eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
-                x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
-                if clip_x0 is not None:
-                    x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
-                    # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree.
-                    eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
-                if sampler == "ddim":
-                    # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
-                    sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-                    x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
-                    if sigma > 0.0:
-                        x = x + sigma * randn(x)
-                else:
-                    # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; Eq. 6-7's posterior
-                    # (its mean takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
-                    alpha = abar / abar_prev
-                    beta = 1.0 - alpha
-                    mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
-                            + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
-                    variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
-                    x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
+                x = self._step(x, eps, abar, abar_prev, sampler=sampler, eta=eta, clip_x0=clip_x0, randn=randn)
                 if after_step is not None:
                     x = after_step(x, abar_prev)  # [B, C, H, W]
         return x
+
+    @staticmethod
+    def _step(x: torch.Tensor, eps: torch.Tensor, abar: float, abar_prev: float, *, sampler: str, eta: float,
+              clip_x0: float | None, randn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """One sampler step from x [B, C, H, W] at level abar to abar_prev, given the network's eps there: DDIM
+        (Eq. 12, sigma from Eq. 16) or the ancestral step on the respaced schedule (Eq. 6-7)."""
+        x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
+        if clip_x0 is not None:
+            x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
+            # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree.
+            eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
+        if sampler == "ddim":
+            # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
+            sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+            x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+            return x + sigma * randn(x) if sigma > 0.0 else x
+        # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; Eq. 6-7's posterior (its mean
+        # takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
+        alpha = abar / abar_prev
+        beta = 1.0 - alpha
+        mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
+                + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
+        variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
+        return mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
 
     @staticmethod
     def renoise(x: torch.Tensor, abar_from: float, abar_to: float,
