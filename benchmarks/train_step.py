@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from immiscible_cli import runs, trainer
+from immiscible_cli import run_create, runs, train_loop, trainer
 from immiscible_cli.config import load_config
 from immiscible_cli.data import ImageSet
 from immiscible_cli.networks import build_network
@@ -71,7 +71,7 @@ def timed_steps(step, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def peak_mib(device: torch.device) -> float:
-    return trainer.peak_memory_mib(device)
+    return train_loop.peak_memory_mib(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -82,7 +82,7 @@ def reset_peak(device: torch.device) -> None:
 
 def ours(args: argparse.Namespace, assigner: str, mode: str, device: torch.device, folder: Path) -> float:
     cfg = load_config("cifar10-vanilla", settings(args, assigner, mode))
-    run = runs.create_run(folder, cfg)
+    run = run_create.create_run(folder, cfg)
     loop = trainer.TrainingLoop(cfg, run, synthetic_images(cfg, max(4 * args.batch, 512)), device)
     return timed_steps(loop.train_step, device, args.warmup, args.steps)
 

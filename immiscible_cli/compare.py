@@ -10,9 +10,10 @@ earlier; such a row is flagged, since its true cost may be lower).
 
 Runs whose configs differ only in their seed form a group, compared through its mean curve; when the baseline and
 another group both have several seeds, runs sharing a seed are also compared pair by pair (compare_seeds.py).
-This module is the command's library (`main`); the curve math is in compare_curves.py, reading runs in
-compare_runs.py, the per-seed statistics in compare_seeds.py; compare_table.py turns the rows computed here into the
-table and CSV, compare_plot.py into the figure; the JSON document is the rows themselves.
+This module is the command's library (`main`); the curve math is in compare_curves.py, the FID rows compared in
+compare_rows.py, reading runs into curves and seed groups in compare_runs.py, the per-seed statistics in
+compare_seeds.py; compare_table.py turns the rows computed here into the table and CSV, compare_plot.py into the
+figure; the JSON document is the rows themselves.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from rich.console import Console
 from .compare_curves import (Crossing, Curve, Points, crossing, kimg_to_reach, mean_curve, shared_kimg_points,
                              speedup, value_at)
 from .compare_plot import PlotLine, write_plot
-from .compare_runs import (THROUGHPUT_SPREAD_WARNING, CompareError, Entry, Member, assigner_label, choose_fid_rows,
-                           curve_from_rows, describe_differences, experiment_key, fid_rows, load_entries, open_runs)
+from .compare_rows import CompareError, choose_fid_rows, describe_differences, fid_rows
+from .compare_runs import (THROUGHPUT_SPREAD_WARNING, Entry, Member, assigner_label, curve_from_rows, experiment_key,
+                           load_entries, open_runs)
 from .compare_seeds import make_pair, pair_by_seed, summarize
 from .compare_table import csv_text, print_table
 from .files import check_writable

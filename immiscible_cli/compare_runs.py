@@ -1,15 +1,13 @@
-"""Reading runs for `immiscible compare`: each run's comparable FID curve, one FID settings combination for all
-runs, and runs whose configs differ only in their seed merged into one seed group (an `Entry`).
-
-Only FIDs scored with the same settings (`runs.FID_SETTINGS`) are compared; a group is compared through
-its mean curve, and seed by seed (compare_seeds.py) through the `Member` runs it keeps.
+"""Reading runs for `immiscible compare`: each run's comparable FID curve (from the rows compare_rows.py chooses:
+one FID settings combination for all runs) and runs whose configs differ only in their seed merged into one seed
+group (an `Entry`), compared through its mean curve, and seed by seed (compare_seeds.py) through the `Member` runs
+it keeps.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import statistics
 from collections import Counter
@@ -17,128 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from rich.console import Console
 
 from .compare_curves import Curve, mean_curve, value_at
+from .compare_rows import CompareError, choose_fid_rows, fid_rows, finite_number, select_rows
 from .config import ASSIGNER_SECTIONS, ConfigError, validate
-from .errors import UserError
-from .runs import Run, fid_settings, open_run, read_fid_rows
-
-
-class CompareError(UserError):
-    """Runs that cannot be compared as asked; the one-line message says why and what to do."""
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def fid_rows(run: Run) -> list[dict[str, Any]]:
-    """The run's fid.jsonl rows that hold a usable number (a failed evaluation may have written NaN)."""
-    return [r for r in read_fid_rows(run) if _number(r.get("fid")) and _number(r.get("kimg"))]
+from .runs import Run, fid_settings, open_run
 
 
 def curve_from_rows(rows: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> Curve:
     """Sort by kimg (rows may be out of order; a re-scored kimg keeps its latest row). Training seconds come from the
     FID row, or else are interpolated from metrics.jsonl ticks."""
     by_kimg = {round(float(r["kimg"]), 6): r for r in rows}
-    ticks = sorted((m["kimg"], m["train_s"]) for m in metrics if _number(m.get("kimg")) and _number(m.get("train_s")))
+    ticks = sorted((m["kimg"], m["train_s"]) for m in metrics
+                   if finite_number(m.get("kimg")) and finite_number(m.get("train_s")))
     kimg = sorted(by_kimg)
     train_s = []
     for k in kimg:
         known = by_kimg[k].get("train_s")
         from_ticks = value_at(ticks, k)
-        train_s.append(float(known) if _number(known) else from_ticks[0] if from_ticks else None)
+        train_s.append(float(known) if finite_number(known) else from_ticks[0] if from_ticks else None)
     return Curve(kimg=kimg, fid=[float(by_kimg[k]["fid"]) for k in kimg], train_s=train_s)
-
-
-def _settings_key(row: dict[str, Any]) -> str:
-    return json.dumps(fid_settings(row), sort_keys=True)
-
-
-def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
-def describe_differences(settings_by_run: dict[str, dict[str, Any]]) -> str:
-    """'num_images (a: 10000, b: 50000); sampler (...)': each setting that differs, with every run's value."""
-    flat = {name: _flatten(s) for name, s in settings_by_run.items()}
-    keys = sorted({key for f in flat.values() for key in f})
-    parts = [f"{key} ({', '.join(f'{name}: {f.get(key)}' for name, f in flat.items())})"
-             for key in keys if len({json.dumps(f.get(key)) for f in flat.values()}) > 1]
-    return "; ".join(parts)
-
-
-def _setting_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    except RecursionError:
-        raise UserError(f"--where ...={text[:20]}...: the value is nested too deep; give a number or a word") from None
-
-
-def _same(have: Any, want: Any) -> bool:
-    if _number(have) and _number(want):
-        return math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=0.0)
-    return have == want
-
-
-def select_rows(rows_by_run: dict[str, list[dict[str, Any]]],
-                where: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    """Only the FID rows whose settings match every `--where FIELD=VALUE` (FIELD as fid.jsonl names it, dotted:
-    `sampling.start_std`, `num_images`, `reference.num_images`; VALUE read as YAML). A FIELD no row has, or a run
-    left without rows, is a CompareError saying what there is."""
-    if not where:
-        return rows_by_run
-    flat = {name: [_flatten(fid_settings(r)) for r in rows] for name, rows in rows_by_run.items()}
-    known = sorted({key for rows in flat.values() for row in rows for key in row})
-    conditions = []
-    for condition in where:
-        field_name, sep, value = condition.partition("=")
-        field_name = field_name.strip()
-        if not sep or field_name not in known:
-            raise CompareError(f"--where {condition}: expected FIELD=VALUE with FIELD one of the FID settings "
-                               f"({', '.join(known)})")
-        conditions.append((field_name, _setting_value(value)))
-    kept = {}
-    for name, rows in rows_by_run.items():
-        kept[name] = [row for row, settings in zip(rows, flat[name])
-                      if all(_same(settings.get(key), want) for key, want in conditions)]
-        if not kept[name]:
-            raise CompareError(f"run {name} has no FID point with {' and '.join(where)}; score it with those "
-                               f"settings (`immiscible eval RUN --fid --set ...`) or drop it")
-    return kept
-
-
-def choose_fid_rows(rows_by_run: dict[str, list[dict[str, Any]]], *, strict: bool,
-                    err: Console) -> dict[str, list[dict[str, Any]]]:
-    """Keep one FID settings combination per run: the one all runs share (the one with most points if several are,
-    the one written first on a tie), else each run's most common one, with a warning naming what differs (a
-    CompareError when strict)."""
-    counts = {name: Counter(_settings_key(r) for r in rows) for name, rows in rows_by_run.items()}
-    shared = set.intersection(*(set(c) for c in counts.values()))
-    if shared:  # most points; on a tie the combination written first (a run's own, before any `eval --set` rows)
-        first: dict[str, int] = {}
-        for rows in rows_by_run.values():
-            for i, row in enumerate(rows):
-                key = _settings_key(row)
-                first[key] = min(first.get(key, i), i)
-        best = max(sorted(shared), key=lambda key: (sum(c[key] for c in counts.values()), -first[key]))
-        chosen = dict.fromkeys(counts, best)
-    else:
-        chosen = {name: c.most_common(1)[0][0] for name, c in counts.items()}
-        differences = describe_differences({name: json.loads(key) for name, key in chosen.items()})
-        if strict:
-            raise CompareError(f"FID settings differ and no combination is shared by all runs: {differences}; "
-                               f"score them alike with `immiscible eval`, or drop --strict")
-        err.print(f"warning: FID settings differ, so these FIDs are not strictly comparable: {differences} "
-                  f"(--strict refuses this)", markup=False, highlight=False)
-    return {name: [r for r in rows if _settings_key(r) == chosen[name]] for name, rows in rows_by_run.items()}
 
 
 # Fields that do not change what a run learns: runs differing only here (and in seed) are seeds of one experiment.
@@ -166,7 +63,7 @@ def assigner_label(config: dict[str, Any]) -> str:
     section = ASSIGNER_SECTIONS.get(name) if isinstance(name, str) else None
     parts = [name, *(section.label_settings(assigner) if section is not None else [])]
     scale = assigner.get("image_scale", 1.0)
-    if _number(scale) and scale != 1:
+    if finite_number(scale) and scale != 1:
         parts.append(f"x{scale:g}")
     return " ".join(parts)
 
@@ -212,7 +109,7 @@ def _config_dict(run: Run) -> dict[str, Any]:
 def _single(run: Run, name: str, rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> Entry:
     """One run as an entry of its own (a group of one seed)."""
     metrics, config = run.metrics(), _config_dict(run)
-    trained = max([r["kimg"] for r in rows] + [m["kimg"] for m in metrics if _number(m.get("kimg"))])
+    trained = max([r["kimg"] for r in rows] + [m["kimg"] for m in metrics if finite_number(m.get("kimg"))])
     curve = curve_from_rows(chosen, metrics)
     return Entry(name, [name], config, curve, float(trained), fid_settings(chosen[0]),
                  [Member(name, config.get("seed"), curve)], throughput_spread(metrics))
@@ -226,7 +123,7 @@ part of the time: compare warns that its time speed-up measures the machine as m
 def throughput_spread(metrics: list[dict[str, Any]]) -> float | None:
     """Fastest over slowest img/s of the run's ticks, the first left out (it includes start-up); None with fewer
     than two such ticks."""
-    speeds = [float(m["img_per_s"]) for m in metrics[1:] if _number(m.get("img_per_s")) and m["img_per_s"] > 0]
+    speeds = [float(m["img_per_s"]) for m in metrics[1:] if finite_number(m.get("img_per_s")) and m["img_per_s"] > 0]
     return max(speeds) / min(speeds) if len(speeds) >= 2 else None
 
 

@@ -5,17 +5,16 @@ centred square of half the side), `left-half`, `outpaint-8px` (the 8-pixel borde
 Input images reach the run's resolution and channels as its training data did (data.match_channels,
 data.fit_resolution), then model space times assigner.image_scale; outputs go through assigners.decode.
 
-After every sampler step the known region is re-imposed at the step's noise level (the objectives' `after_step`):
-ddpm x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (Ho et al. 2020, Eq. 4), flow x_t = t data + (1 - t) noise, eps and
-noise fresh from the edit's own seeded stream, so a result depends on its seed alone (image i of a batch uses
-seed i, as in `sample`). After the last step the known pixels are the input's. `--resample R` adds RePaint's R
-jumps back of one step per step (Lugmayr et al. 2022). dopri5 is refused: its adaptive steps have no fixed
-points to re-impose at.
+After every sampler step the known region is re-imposed at the step's noise level (the objectives' `after_step`)
+by the objective's `noised` (ddpm x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, Ho et al. 2020, Eq. 4; flow x_t =
+t data + (1 - t) noise), the noise fresh from the edit's own seeded stream, so a result depends on its seed alone
+(image i of a batch uses seed i, as in `sample`). After the last step the known pixels are the input's.
+`--resample R` adds RePaint's R jumps back of one step per step (Lugmayr et al. 2022). A sampler outside the
+objective's `editable_samplers` (dopri5) is refused: its adaptive steps have no fixed points to re-impose at.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from .data import IMAGE_SUFFIXES, fit_resolution, match_channels, to_model_space
 from .errors import UserError
 from .generation import SeededNoise, generate
 from .images import save_each, save_png
+from .objectives import Objective, build_objective
 from .runs import Run
 
 NAMED_MASKS = ("center", "left-half", "outpaint-8px")
@@ -153,16 +153,14 @@ def load_inputs(image: Path, mask: str, data: DataConfig) -> tuple[list[str], to
 class Reimpose:
     """`after_step` for one batch: the known region of x replaced by the known image at x's noise level."""
 
-    def __init__(self, kind: str, known: torch.Tensor, fill: torch.Tensor,
+    def __init__(self, objective: Objective, known: torch.Tensor, fill: torch.Tensor,
                  randn: Callable[[torch.Tensor], torch.Tensor]):
-        self.kind, self.known, self.keep, self.randn = kind, known, ~fill, randn  # [b, C, H, W], [b, 1, H, W]
+        self.objective, self.randn = objective, randn
+        self.known, self.keep = known, ~fill  # [b, C, H, W], [b, 1, H, W]
 
     def __call__(self, x: torch.Tensor, level: float) -> torch.Tensor:
         noise = self.randn(x)  # drawn at every step, level 1 included: each stream's draws never depend on x
-        if self.kind == "ddpm":  # level = abar (Ho et al. 2020, Eq. 4)
-            known_now = math.sqrt(level) * self.known + math.sqrt(1.0 - level) * noise  # [b, C, H, W]
-        else:  # level = t on the straight path, data at t = 1
-            known_now = level * self.known + (1.0 - level) * noise  # [b, C, H, W]
+        known_now = self.objective.noised(self.known, noise, level)  # [b, C, H, W]
         return torch.where(self.keep, known_now.to(x.dtype), x)  # [b, C, H, W]
 
 
@@ -171,16 +169,17 @@ def inpaint(net: torch.nn.Module, cfg: Config, known: torch.Tensor, fill: torch.
             batch: int = 64, device: torch.device | None = None) -> torch.Tensor:
     """uint8 [N, S, C, R, R]: image n [C, R, R] (uint8, at the run's size) edited in `fill` [N, 1, R, R] (True =
     generate) once per seed; edit (n, s) is `generation.generate`'s image for seed s with the known region imposed."""
-    if cfg.objective.kind == "flow" and sampler == "dopri5":
-        raise EditError("--sampler dopri5: the adaptive solver has no fixed steps to re-impose the known region at; "
-                        "use --sampler euler or heun")
+    objective = build_objective(cfg.objective)
+    if sampler in objective.samplers and sampler not in objective.editable_samplers:
+        raise EditError(f"--sampler {sampler}: the adaptive solver has no fixed steps to re-impose the known region "
+                        f"at; use --sampler {' or '.join(objective.editable_samplers)}")
     device = device or next(net.parameters()).device
     count, per_image = known.shape[0], len(seeds)
     known_model = to_model_space(known) * cfg.assigner.image_scale  # [N, C, R, R], the data's model space
 
     def options(start: int, noise: SeededNoise) -> dict:
         rows = torch.arange(start, start + len(noise.generators)) // per_image  # input image of each edit
-        return {"after_step": Reimpose(cfg.objective.kind, known_model[rows].to(device), fill[rows].to(device),
+        return {"after_step": Reimpose(objective, known_model[rows].to(device), fill[rows].to(device),
                                        noise.randn_like), "resample": resample}
 
     edits = generate(net, cfg, [s for _ in range(count) for s in seeds], sampler=sampler, steps=steps,

@@ -5,7 +5,7 @@ that is not a run, FID weights that cannot be found). Its message is one line pe
 and what to do. Anything else is a bug and keeps its traceback.
 
 Exit codes (the README lists them): 2 bad input (`UserError`), 3 a non-finite training loss
-(`trainer.TrainingDiverged`), 4 the environment failed us: the disk is full, a folder is read-only, a path cannot be
+(`train_loop.TrainingDiverged`), 4 the environment failed us: the disk is full, a folder is read-only, a path cannot be
 written (`EnvironmentFailure`), or memory ran out (`OutOfMemory`: the message names the batch field to lower; the
 same input fits a larger machine, so it is the environment's limit, not bad input).
 """

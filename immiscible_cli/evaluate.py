@@ -52,6 +52,25 @@ def _surely_due(run: runs.Run, specs: list[str]) -> bool:
     return any(not any(abs(kimg - c.kimg) < 5e-4 for kimg in scored) for c in select_checkpoints(run, specs))
 
 
+def _check_outputs(targets: list[runs.Run], ckpts: list[str]) -> dict[Path, UserError]:
+    """What fails before any work: each run's fid.jsonl must take rows (a read-only or full disk fails before any
+    scoring) and be the run's own file, not a symlink out of it; each --ckpt must parse. Returns the runs whose
+    fid.jsonl takes no rows but may need none (already scored): an error only once a point turns out due."""
+    unwritable: dict[Path, UserError] = {}
+    for run in targets:
+        run.check_files()
+        try:
+            check_writable(run.fid_path(), "file", append=True)
+        except UserError as e:  # a run already scored is read, not written: fine read-only. Fail now, before the
+            if _surely_due(run, ckpts):  # FID network and statistics are loaded, when a checkpoint has no row
+                raise
+            unwritable[run.path] = e  # else once its settings say whether a point is due
+    for spec in ckpts:  # before any reference statistics are computed
+        if spec != "all":
+            checkpoint.parse_spec(spec)
+    return unwritable
+
+
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
                   inception: Path | None, device: str, console: Console,
@@ -62,18 +81,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
     every run's config; the rows record them, so such a point sits beside the run's own and is compared only with
     points scored the same way."""
     configs = [sampling_config(run, overrides) for run in targets]  # a bad --set fails before any work
-    unwritable: dict[Path, UserError] = {}  # runs whose fid.jsonl takes no rows: an error only if one is due
-    for run in targets:  # each run's fid.jsonl must take rows: a read-only or full disk fails before any scoring
-        run.check_files()  # and be the run's own file, not a symlink out of it
-        try:
-            check_writable(run.fid_path(), "file", append=True)
-        except UserError as e:  # a run already scored is read, not written: fine read-only. Fail now, before the
-            if _surely_due(run, ckpts):  # FID network and statistics are loaded, when a checkpoint has no row
-                raise
-            unwritable[run.path] = e  # else once its settings say whether a point is due
-    for spec in ckpts:  # before any reference statistics are computed
-        if spec != "all":
-            checkpoint.parse_spec(spec)
+    unwritable = _check_outputs(targets, ckpts)
     torch_device = pick_device(device)
     extractors: dict[tuple[str, str], FIDExtractor] = {}  # one Inception network per mode and precision
     results = []

@@ -7,6 +7,7 @@ import os
 import torch
 
 from . import checkpoint, distributed, start_noise
+from .checkpoint_format import Expected
 from .config import Config
 from .errors import OutOfMemory, UserError
 from .models.unet import UNet
@@ -54,13 +55,13 @@ def check_network_fits(cfg: Config) -> None:
                           f"{cfg.model.channels}) or model.channel_mult")
 
 
-def expected_snapshot(cfg: Config) -> checkpoint.Expected:
+def expected_snapshot(cfg: Config) -> Expected:
     """What a snapshot of a run with this config must fit: the config and the network's tensor shapes (the network
     is built on the meta device: no memory is allocated)."""
     with torch.device("meta"):
         net = build_network(cfg)
-    return checkpoint.Expected(cfg, {name: tuple(t.shape) for name, t in net.state_dict().items()},
-                               tuple(tuple(p.shape) for p in net.parameters()))
+    return Expected(cfg, {name: tuple(t.shape) for name, t in net.state_dict().items()},
+                    tuple(tuple(p.shape) for p in net.parameters()))
 
 
 def load_network(run: Run, ckpt: str | checkpoint.Checkpoint = "latest", ema: bool = True,

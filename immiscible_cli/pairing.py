@@ -87,8 +87,11 @@ def make_rule(name: str = "vanilla", *, image_scale: float | None = None, k: int
 
 
 def needs_center(rule: Rule) -> bool:
-    """Whether `pair` must be given `center` (the data mean) for this rule: knn with knn_score="centred", k > 1."""
-    return rule.name == "knn" and rule.knn_score == "centred" and rule.k > 1
+    """Whether `pair` must be given `center` (the data mean) for this rule: knn with knn_score="centred", k > 1
+    (the rule's own `needs_center`)."""
+    from immiscible_cli import assigners
+
+    return assigners.needs_center(rule)
 
 
 def pair(x0: Tensor, rule: Rule | str, generator: torch.Generator, *, center: Tensor | None = None,
@@ -138,7 +141,9 @@ def pair(x0: Tensor, rule: Rule | str, generator: torch.Generator, *, center: Te
         if center.numel() != x0[0].numel():
             raise ValueError(f"center has {center.numel()} values, a sample of x0 {x0[0].numel()} "
                              f"(shape {list(x0.shape[1:])})")
-        scaled_center = center if rule.image_scale == 1.0 else center * rule.image_scale
+        from immiscible_cli import assigners
+
+        scaled_center = assigners.center_for(rule, center)
     found = _process_shard(x0.shape[0], distributed)
     raw: dict[str, Tensor] | None = {} if stats is not None else None
     out = pair_config(x0, rule, generator, raw, scaled_center, found)

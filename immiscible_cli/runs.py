@@ -13,14 +13,14 @@ A run directory describes itself (resolved config, provenance, append-only logs)
       train.lock       held (flock) by the process training into this directory, or `eval` while it scores
       *.jsonl.damaged  cut-off last lines a crash left in a JSONL file, moved here by its next writer (files.py)
 
-`train` creates runs; `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl, holding
+`train` creates runs (run_create.py, with these names); `sample`, `eval` and `compare` only read them (and `eval` appends to fid.jsonl, holding
 train.lock while it scores, so it never runs beside a trainer or another eval of the run).
 
 A fid.jsonl row (written by metrics/scorer.py):
     kimg, step, fid, [kid], num_images, mode ("clean" | "legacy_tensorflow"),
     reference {"name", "split", "num_images", "mode", ["resolution", "file"]}, sampler, steps, guidance,
-    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
-    samples; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
+    sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every objective's other sampler fields that
+    change the samples, objectives.SAMPLER_FIELDS; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
     generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
     dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
     sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
@@ -43,7 +43,6 @@ from .config import Config, load_run_config, read_yaml
 from .errors import UserError
 from .files import (FileFormatError, RowSchema, append_jsonl, check_own_file, read_jsonl, repair_jsonl, write_atomic,
                     write_jsonl)
-from .provenance import provenance
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -236,10 +235,11 @@ class RunLock:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# creating and finding runs
+# finding runs (run_create.py makes new ones)
 
 
-def _numbered(root: Path) -> Iterator[tuple[int, Path]]:
+def numbered_runs(root: Path) -> Iterator[tuple[int, Path]]:
+    """(number, folder) of every numbered run folder under root (NNNNN-name), in no order."""
     if root.is_dir():
         for p in root.iterdir():
             m = _RUN_NAME.match(p.name)
@@ -247,84 +247,9 @@ def _numbered(root: Path) -> Iterator[tuple[int, Path]]:
                 yield int(m.group(1)), p
 
 
-def next_run_path(root: Path, name: str) -> Path:
-    """The directory `create_run` would make now: one more than the highest number under root."""
-    highest = max((n for n, _ in _numbered(Path(root))), default=-1)
-    return Path(root) / f"{highest + 1:05d}-{name}"
-
-
-def create_run(root: Path, config: Config, argv: list[str] | None = None, device: str = "cpu") -> Run:
-    """Make a new numbered run directory with config.yaml and meta.json; never reuses a number."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = next_run_path(root, config.name)
-        try:
-            path.mkdir()
-            break
-        except FileExistsError:  # another process took this number between listing and mkdir
-            continue
-    return _populate(path, config, argv, device)
-
-
-def create_run_at(path: Path, config: Config, argv: list[str] | None = None, device: str = "cpu") -> Run:
-    """Make a run directory at exactly `path` (see `check_new_run_dir`)."""
-    check_new_run_dir(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return _populate(path, config, argv, device)
-
-
 def holds_run(path: Path) -> bool:
     """Whether `path` holds a whole run (its config.yaml, written last: a half-made directory does not)."""
     return (Path(path) / CONFIG).is_file()
-
-
-def check_new_run_dir(path: Path) -> None:
-    """A RunError, before anything is written, unless `path` can become a new run: a folder that does not exist yet,
-    an empty one, or one a crashed `create_run_at` left half made. A run, a file or a folder holding anything else
-    is refused and left untouched; so is a path that is not valid UTF-8 (config.yaml, meta.json and the logs
-    record it as text)."""
-    path = Path(path)
-    check_text_path(path, "--run-dir")
-    if (path / CONFIG).exists():  # not holds_run: a config.yaml that is not a file is refused too
-        raise RunError(f"{path}: already holds a run")
-    if path.exists() and not path.is_dir():
-        raise RunError(f"{path}: it is a file, not a folder; choose a new or empty folder for --run-dir")
-    foreign = [p.name for p in sorted(path.iterdir()) if not _half_made(p)] if path.is_dir() else []
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise RunError(f"{path}: not empty and not a run of ours (it holds {shown}); choose a new or empty folder "
-                       f"for --run-dir")
-
-
-def _half_made(p: Path) -> bool:
-    """What `_populate` writes before config.yaml, so a crash may leave it: meta.json (or its temporary file),
-    empty checkpoints/ and samples/."""
-    if p.name in (CHECKPOINTS, SAMPLES):
-        return p.is_dir() and not any(p.iterdir())
-    if p.name == META:
-        return _our_meta(p)
-    return p.name.startswith((f".{META}.tmp-", f".{CONFIG}.tmp-")) and p.is_file() and not p.is_symlink()
-
-
-def _our_meta(p: Path) -> bool:
-    """A meta.json `_populate` wrote (a regular file holding a JSON object with our `immiscible_version`), not
-    another tool's file of the same name."""
-    if p.is_symlink() or not p.is_file():
-        return False
-    try:
-        meta = json.loads(p.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(meta, dict) and "immiscible_version" in meta and "argv" in meta
-
-
-def _populate(path: Path, config: Config, argv: list[str] | None, device: str) -> Run:
-    (path / CHECKPOINTS).mkdir(exist_ok=True)
-    (path / SAMPLES).mkdir(exist_ok=True)
-    write_atomic(path / META, (json.dumps(provenance(argv, device), indent=2) + "\n").encode())
-    write_atomic(path / CONFIG, config.to_yaml().encode())  # last: a directory with config.yaml is a whole run
-    return Run(path)
 
 
 def check_text_path(path: Path, option: str = "") -> None:
@@ -351,7 +276,7 @@ def open_run(path: Path | str) -> Run:
 
 def latest_run(root: Path | str = "runs") -> Run:
     """The highest-numbered run under root."""
-    runs = sorted(_numbered(Path(root)))
+    runs = sorted(numbered_runs(Path(root)))
     runs = [(n, p) for n, p in runs if (p / CONFIG).is_file()]
     if not runs:
         raise RunError(f"{root}: no runs found; train one with `immiscible train` or name a run directory")

@@ -1,5 +1,6 @@
 """What the training loop does differently on several processes (torchrun; distributed.py): the batch split, the
-DDP wrapper, each rank's dropout stream in snapshots, the resume, the reduced tick row, and a silent reporter.
+DDP wrapper, each rank's dropout stream in snapshots and its restoring on a resume (checkpoint.resume is the one
+resume path of one process and several), the reduced tick row, and a silent reporter.
 
 The sharding rule (assigners/shard.py): every rank draws the random numbers of the whole global batch from the
 run's streams (data order, flips, timesteps, noise, label dropout: the same seeds on every rank) and keeps rows
@@ -17,12 +18,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, distributed, runs
+from . import distributed, runs
 from .config import Config
 from .console import Bars
 from .errors import UserError
 from .files import write_atomic
-from .networks import expected_snapshot
 from .train_report import Reporter
 
 
@@ -105,21 +105,6 @@ def resumed_note(saved: int) -> str | None:
         return None
     return (f"resumed on {world} process{'es' if world > 1 else ''} from a run saved on {saved}: not bit-exact "
             f"(dropout streams reseeded)")
-
-
-def resume(loop, run: runs.Run) -> checkpoint.Resumed | None:
-    """checkpoint.resume for a trainer.TrainingLoop on several processes: rank 0 reads the newest snapshot that fits
-    and sends it to every rank (the run directory need not be shared), every rank restores it, then rank 0 cuts the
-    logs back."""
-    loaded = distributed.on_main(lambda: checkpoint.load_newest(run, "cpu", expected_snapshot(loop.cfg)))
-    if loaded is None:
-        return None
-    try:
-        loop.load_state_dict(loaded.state)
-    except UserError as e:  # the same snapshot on every rank: the same error
-        raise distributed.everywhere(e)
-    dropped = distributed.on_main(lambda: run.truncate_after(float(loaded.state["nimg"]) / 1000))
-    return checkpoint.Resumed(loaded.checkpoint, loaded.skipped, dropped)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runs
+from . import run_create, runs
 from .config import RESUMABLE_OVERRIDES, Config, load_config, with_overrides
 from .console import Bars
 from .errors import UserError, names_memory_field
@@ -39,11 +39,11 @@ def plan(preset: str | None, overrides: list[str] | None, *, out_dir: Path, run_
         return Plan(cfg, run.path, continues=True)
     cfg = load_config(preset, overrides or [])
     if run_dir is None:
-        return Plan(cfg, runs.next_run_path(out_dir, cfg.name), continues=False)
+        return Plan(cfg, run_create.next_run_path(out_dir, cfg.name), continues=False)
     runs.check_text_path(run_dir, "--run-dir")  # a path that cannot be written as text: one line, nothing made
     continues = runs.holds_run(run_dir)
     if not continues and run_dir.is_dir():
-        runs.check_new_run_dir(run_dir)  # a folder holding anything else: refused before any work, dry run too
+        run_create.check_new_run_dir(run_dir)  # a folder holding anything else: refused before any work, dry run too
     return Plan(cfg, run_dir, continues)
 
 

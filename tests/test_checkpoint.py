@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from immiscible_cli import checkpoint, runs
+from immiscible_cli import checkpoint, run_create
 from immiscible_cli.config import load_config
 
 
 def test_checkpoint_paths_and_listing(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     for kimg in (2.0, 10.5, 4.0):
         checkpoint.path_for(run, kimg).write_bytes(b"x")
     (run.path / "checkpoints" / "notes.txt").write_text("ignored")
@@ -17,7 +17,7 @@ def test_checkpoint_paths_and_listing(tmp_path):
 
 def test_prune_keeps_the_snapshot_of_the_step_that_crossed_each_multiple(tmp_path):
     """Batch 128, snapshots every 6 kimg land on 6.016, 12.032, ...: keep_every_kimg 12 keeps 12.032 and 24.064."""
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     for kimg in (6.016, 12.032, 18.048, 24.064, 30.080):
         checkpoint.path_for(run, kimg).write_bytes(b"x")
     checkpoint.prune(run, keep_last=1, keep_every_kimg=12, batch_size=128)

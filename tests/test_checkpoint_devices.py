@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from immiscible_cli import checkpoint, trainer
+from immiscible_cli import checkpoint, checkpoint_devices, checkpoint_format, train_state, trainer
 from immiscible_cli.config import load_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +26,7 @@ def as_if_made_on_cuda(path, with_device_tag: bool = True) -> None:
     states, fused Adam groups with float32 step counts."""
     state = checkpoint.load(path)
     rng = state["rng"]
-    for i, name in enumerate(trainer.STREAMS):
+    for i, name in enumerate(train_state.STREAMS):
         rng[name] = torch.tensor([i + 1, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
     rng["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
     if with_device_tag:
@@ -42,16 +42,17 @@ def as_if_made_on_cuda(path, with_device_tag: bool = True) -> None:
 
 
 def test_the_device_of_untagged_snapshots_is_read_off_the_state_size():
-    assert checkpoint.rng_device({"noise": torch.zeros(checkpoint.CUDA_STATE_BYTES, dtype=torch.uint8)}) == "cuda"
-    assert checkpoint.rng_device({"noise": torch.Generator().get_state()}) == "cpu"
-    assert checkpoint.rng_device({"noise": torch.Generator().get_state(), "device": "cuda"}) == "cuda"
+    cuda_state = torch.zeros(checkpoint_format.CUDA_STATE_BYTES, dtype=torch.uint8)
+    assert checkpoint_devices.rng_device({"noise": cuda_state}) == "cuda"
+    assert checkpoint_devices.rng_device({"noise": torch.Generator().get_state()}) == "cpu"
+    assert checkpoint_devices.rng_device({"noise": torch.Generator().get_state(), "device": "cuda"}) == "cuda"
 
 
 def test_a_cuda_made_snapshot_resumes_on_the_cpu_deterministically_with_a_note(tmp_path, tiny):
     half = trainer.train(load_config("quickstart", tiny + ["train.total_kimg=0.016"]), out_root=tmp_path / "a")
     (snapshot,) = checkpoint.list_checkpoints(half)
     as_if_made_on_cuda(snapshot.path, with_device_tag=False)  # as older snapshots: no device tag
-    assert checkpoint.rng_device(checkpoint.load(snapshot.path)["rng"]) == "cuda"
+    assert checkpoint_devices.rng_device(checkpoint.load(snapshot.path)["rng"]) == "cuda"
     copy = tmp_path / "b"
     shutil.copytree(half.path, copy)
     cfg = load_config("quickstart", tiny)
@@ -63,16 +64,16 @@ def test_a_cuda_made_snapshot_resumes_on_the_cpu_deterministically_with_a_note(t
     a, b = (checkpoint.load(checkpoint.list_checkpoints(r)[-1].path) for r in runs_)
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])  # reseeded from (seed, step): the same
     assert [m["loss"] for m in runs_[0].metrics()] == [m["loss"] for m in runs_[1].metrics()]
-    assert a["rng"]["device"] == "cpu" and a["rng"]["noise"].numel() != checkpoint.CUDA_STATE_BYTES
+    assert a["rng"]["device"] == "cpu" and a["rng"]["noise"].numel() != checkpoint_format.CUDA_STATE_BYTES
     assert all(group["fused"] in (None, False) for group in a["optimizer"]["param_groups"])
 
 
 def test_fewer_gpus_restore_the_states_that_exist_with_a_note():
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
-    kept, note = checkpoint.cuda_states_to_restore(states, device_count=1)
+    kept, note = checkpoint_devices.cuda_states_to_restore(states, device_count=1)
     assert [index for index, _ in kept] == [0] and torch.equal(kept[0][1], states[0])
     assert "4 GPUs" in note and "has 1" in note
-    kept, note = checkpoint.cuda_states_to_restore(states[:1], device_count=2)
+    kept, note = checkpoint_devices.cuda_states_to_restore(states[:1], device_count=2)
     assert [index for index, _ in kept] == [0] and note is None
 
 
@@ -85,7 +86,7 @@ def test_a_fused_optimizer_state_loads_into_the_cpu_optimizer_and_steps():
     saved["param_groups"][0]["fused"] = True  # as CUDA's fused Adam writes it
     saved["state"][0]["step"] = saved["state"][0]["step"].float()
     optimizer = torch.optim.Adam(params, lr=0.1)
-    optimizer.load_state_dict(checkpoint.portable_optimizer_state(saved, optimizer))
+    optimizer.load_state_dict(checkpoint_devices.portable_optimizer_state(saved, optimizer))
     assert optimizer.param_groups[0]["fused"] in (None, False)
     params[0].grad = torch.ones(3)
     optimizer.step()

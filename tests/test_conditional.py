@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import StubNetwork
 
-from immiscible_cli import runs, trainer
+from immiscible_cli import runs, train_state, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import DataConfig, changed_fields, load_config
 from immiscible_cli.data import BatchStream, DataError, ImageSet, check_classes, load_images
@@ -95,7 +95,7 @@ def one_step(tmp_path, tiny, overrides: list[str]) -> tuple[dict, torch.Tensor, 
     loop.train_step()
     loop.batches.discard()
     twin = BatchStream(data, 20, torch.device("cpu"), cfg.seed, cfg.data.hflip, resident=False)
-    x0, labels = twin.next(torch.Generator().manual_seed(trainer.stream_seed(cfg.seed, "flips")))
+    x0, labels = twin.next(torch.Generator().manual_seed(train_state.stream_seed(cfg.seed, "flips")))
     return seen, x0, labels
 
 
@@ -111,7 +111,7 @@ def test_assigners_pair_noise_and_never_move_images_or_labels(tmp_path, tiny, as
 
 def test_label_dropout_replaces_exactly_the_drawn_images_with_the_null_label(tmp_path, tiny):
     seen, _, labels = one_step(tmp_path, tiny, ["assigner.name=knn", "assigner.k=4", "train.label_dropout=0.5"])
-    drop = torch.rand(20, generator=torch.Generator().manual_seed(trainer.stream_seed(0, "labels"))) < 0.5
+    drop = torch.rand(20, generator=torch.Generator().manual_seed(train_state.stream_seed(0, "labels"))) < 0.5
     assert 0 < int(drop.sum()) < 20
     assert torch.equal(seen["labels"], torch.where(drop, torch.full_like(labels, 10), labels))
 

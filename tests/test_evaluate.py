@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from immiscible_cli import evaluate
 from immiscible_cli.cli import app
-from immiscible_cli.compare_runs import choose_fid_rows
+from immiscible_cli.compare_rows import choose_fid_rows
 from immiscible_cli.config import load_config
 from immiscible_cli.metrics import FIDExtractor, WeightsInfo
 from immiscible_cli.runs import FID_SETTINGS, read_fid_rows

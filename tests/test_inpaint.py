@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from immiscible_cli import editing, networks, trainer
 from immiscible_cli.cli import app
-from immiscible_cli.config import load_config
+from immiscible_cli.config import DDPMObjective, FlowObjective, load_config
 from immiscible_cli.objectives import DDPM, Flow
 
 runner = CliRunner()
@@ -110,8 +110,9 @@ def test_renoise_keeps_the_marginal_at_the_earlier_level(tiny, objective, level_
     assert abs(torch.corrcoef(torch.stack([residual, data]))[0, 1].item()) < 0.01
 
 
-@pytest.mark.parametrize("kind, level, signal, spread", [("ddpm", 0.36, 0.6, 0.8), ("flow", 0.25, 0.25, 0.75)])
-def test_reimpose_puts_the_known_image_at_the_level(kind, level, signal, spread):
+@pytest.mark.parametrize("objective, level, signal, spread", [(DDPM(DDPMObjective()), 0.36, 0.6, 0.8),
+                                                              (Flow(FlowObjective()), 0.25, 0.25, 0.75)])
+def test_reimpose_puts_the_known_image_at_the_level(objective, level, signal, spread):
     # known = 0.5 everywhere, left half generated: the right half becomes signal * 0.5 + spread * N(0, 1) (seeded),
     # the left half is x untouched.
     known, fill = torch.full((1, 1, 256, 256), 0.5), editing.named_mask("left-half", 256).unsqueeze(0)
@@ -121,12 +122,12 @@ def test_reimpose_puts_the_known_image_at_the_level(kind, level, signal, spread)
         generator = torch.Generator().manual_seed(4)
         return lambda like: torch.randn(like.shape, generator=generator)
 
-    out = editing.Reimpose(kind, known, fill, draws())(x, level)
+    out = editing.Reimpose(objective, known, fill, draws())(x, level)
     assert torch.equal(out[..., :128], x[..., :128])
     residual = (out[..., 128:] - signal * 0.5) / spread
     assert abs(residual.mean().item()) < 0.02 and abs(residual.std().item() - 1) < 0.02
-    assert torch.equal(out, editing.Reimpose(kind, known, fill, draws())(x, level))  # the stream decides the noise
-    assert torch.equal(editing.Reimpose(kind, known, fill, draws())(x, 1.0)[..., 128:], known[..., 128:])
+    assert torch.equal(out, editing.Reimpose(objective, known, fill, draws())(x, level))  # the stream decides the noise
+    assert torch.equal(editing.Reimpose(objective, known, fill, draws())(x, 1.0)[..., 128:], known[..., 128:])
 
 
 def square_image(channels: int = 1) -> torch.Tensor:

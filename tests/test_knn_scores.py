@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from immiscible_cli.assigners import knn, needs_center, pair, shard, vanilla
+from immiscible_cli.assigners import center_for, knn, needs_center, pair, shard, vanilla
 from immiscible_cli.config import KNNAssigner, VanillaAssigner
 from immiscible_cli.data import ImageSet, mean_image, tensor_digest
 
@@ -116,6 +116,21 @@ def test_centred_needs_the_data_mean():
     assert not needs_center(KNNAssigner(k=1, knn_score="centred")) and not needs_center(KNNAssigner(k=8))
     with pytest.raises(ValueError, match="data mean"):
         knn.pair(torch.zeros(2, 1, 4, 4), KNNAssigner(k=4, knn_score="centred"), gen())
+
+
+def test_center_for_scales_the_mean_only_for_rules_that_score_against_it():
+    mean = torch.randn(1, 4, 4, generator=gen(5))
+    asked = []
+
+    def computed() -> torch.Tensor:
+        asked.append(True)
+        return mean
+
+    assert center_for(KNNAssigner(k=8), computed) is None and center_for(VanillaAssigner(image_scale=2), mean) is None
+    assert not asked  # the mean of a training set is not computed for a rule that does not use it
+    centred = KNNAssigner(k=8, knn_score="centred", image_scale=1.7)
+    assert torch.equal(center_for(centred, computed), mean * 1.7) and asked == [True]
+    assert center_for(centred.model_copy(update={"image_scale": 1.0}), mean) is mean
 
 
 def test_mean_image_is_the_flip_symmetric_mean_in_model_space_and_deterministic():

@@ -8,10 +8,11 @@ from typing import Callable
 import pytest
 import torch
 
-from immiscible_cli.config import OBJECTIVE_SECTIONS, SAMPLERS, DDPMObjective, FlowObjective, ModelConfig
+from immiscible_cli.config import (OBJECTIVE_SECTIONS, SAMPLERS, DDPMObjective, FlowObjective, ModelConfig,
+                                   SampleConfig)
 from immiscible_cli.models.unet import UNet
 from immiscible_cli.objectives.guidance import guided_prediction
-from immiscible_cli.objectives import DDPM, OBJECTIVES, Flow, build_objective
+from immiscible_cli.objectives import DDPM, OBJECTIVES, SAMPLER_FIELDS, Flow, build_objective
 
 DDPM_OBJECTIVE = DDPM(DDPMObjective())  # T = 1000, linear betas 1e-4 .. 0.02
 FLOW_OBJECTIVE = Flow(FlowObjective())
@@ -71,6 +72,12 @@ def test_registry_matches_config() -> None:
     assert set(OBJECTIVES) == set(SAMPLERS) == set(OBJECTIVE_SECTIONS)
     for kind, objective_class in OBJECTIVES.items():
         assert objective_class.samplers == SAMPLERS[kind]
+        assert set(objective_class.editable_samplers) <= set(objective_class.samplers)
+        assert set(objective_class.batch_dependent_samplers) <= set(objective_class.samplers)
+        for sampler in objective_class.samplers:  # an FID row names only fields its objective declares
+            assert set(objective_class.sampler_settings(SampleConfig(), sampler)) <= set(objective_class.sampler_fields)
+    assert SAMPLER_FIELDS == ("eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol")  # fid.jsonl's key order
+    assert (DDPM.editable_samplers, Flow.editable_samplers) == (("ddim", "ddpm"), ("euler", "heun"))
     assert isinstance(build_objective(DDPMObjective()), DDPM)
     assert isinstance(build_objective(FlowObjective()), Flow)
 

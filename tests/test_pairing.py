@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from immiscible_cli import pairing, runs, trainer
+from immiscible_cli import pairing, run_create, train_state, trainer
 from immiscible_cli.config import KNNAssigner, LinearAssigner, VanillaAssigner, load_config
 from immiscible_cli.data import load_images, mean_image
 
@@ -152,8 +152,8 @@ def test_decode_divides_by_the_image_scale_and_clips():
 def test_the_api_gives_the_trainers_noise_for_the_same_generator(tmp_path, tiny, assigner):
     cfg = load_config("quickstart", tiny + assigner)
     data = load_images(cfg.data)
-    loop = trainer.TrainingLoop(cfg, runs.create_run(tmp_path, cfg), data, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(trainer.stream_seed(cfg.seed, "noise"))
+    loop = trainer.TrainingLoop(cfg, run_create.create_run(tmp_path, cfg), data, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(train_state.stream_seed(cfg.seed, "noise"))
     center = mean_image(data, cfg.data.hflip)  # in data space: the API scales it, as the trainer does
     scale = cfg.assigner.image_scale
     for _ in range(2):  # linear pairs the next batch on a worker thread meanwhile: the same numbers

@@ -15,7 +15,7 @@ from compare_fakes import make_run
 from conftest import TINY, StubNetwork, train_with_fid
 from typer.testing import CliRunner
 
-from immiscible_cli import evaluate, files, runs, study
+from immiscible_cli import evaluate, files, run_create, runs, study
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import UserError
@@ -50,7 +50,7 @@ def damaged(path: Path) -> Path:
 
 @pytest.mark.parametrize("tail", CUT_ROWS)
 def test_the_next_append_moves_a_cut_off_last_line_aside(tmp_path, capsys, tail):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     metrics = run.path / runs.METRICS
     run.append_metrics({"kimg": 1.0, "loss": 0.5})
     before = cut_off(metrics, tail)
@@ -65,7 +65,7 @@ def test_the_next_append_moves_a_cut_off_last_line_aside(tmp_path, capsys, tail)
 
 
 def test_fid_rows_survive_a_cut_off_line_too(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     append_fid_row(run, {"kimg": 1.0, "fid": 50.0, "num_images": 6})
     cut_off(run.fid_path(), b'{"kimg": 2.0, "fid": 4')
     append_fid_row(run, {"kimg": 2.0, "fid": 40.0, "num_images": 6})
@@ -82,7 +82,7 @@ def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
 
 
 def test_resume_truncation_keeps_the_cut_off_line(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     for kimg in (1.0, 2.0, 3.0):
         run.append_metrics({"kimg": kimg})
     cut_off(run.path / runs.METRICS, b'{"kimg": 4.0, "lo')
@@ -101,7 +101,7 @@ def test_resume_truncation_keeps_the_cut_off_line(tmp_path):
     ('{"kimg": 2.0, "img_per_s": true}', "line 2: 'img_per_s' is true, expected a number"),
 ])
 def test_a_metrics_row_that_does_not_fit_names_file_and_line(tmp_path, line, problem):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     (run.path / runs.METRICS).write_text(json.dumps({"kimg": 1.0}) + "\n" + line + "\n" + '{"kimg": 3.0}\n')
     with pytest.raises(UserError) as caught:
         run.metrics()
@@ -117,7 +117,7 @@ def test_a_metrics_row_that_does_not_fit_names_file_and_line(tmp_path, line, pro
     ('{"kimg": 2.0, "fid": 3.0, "num_images": "6"}', "line 2: 'num_images' is \"6\", expected an integer"),
 ])
 def test_a_fid_row_that_does_not_fit_names_file_and_line(tmp_path, row, problem):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     run.fid_path().write_text('{"kimg": 1.0, "fid": NaN}\n' + row + "\n")  # NaN: a failed evaluation, allowed
     with pytest.raises(UserError) as caught:
         read_fid_rows(run)
@@ -239,7 +239,7 @@ def test_a_second_eval_does_not_write_rows_the_first_wrote_meanwhile(run, monkey
 
 
 def test_a_lock_written_by_an_older_trainer_still_names_its_pid(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     fd = os.open(run.lock_path(), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -276,18 +276,18 @@ def test_train_into_a_foreign_folder_is_refused_untouched(tmp_path, tiny, dry_ru
 
 
 def test_which_folders_can_become_a_run(tmp_path):
-    runs.check_new_run_dir(tmp_path / "new" / "deeper")  # not there yet
+    run_create.check_new_run_dir(tmp_path / "new" / "deeper")  # not there yet
     (tmp_path / "empty").mkdir()
-    runs.check_new_run_dir(tmp_path / "empty")
+    run_create.check_new_run_dir(tmp_path / "empty")
     half = tmp_path / "half"  # a create that crashed before config.yaml
     for name in ("checkpoints", "samples"):
         (half / name).mkdir(parents=True)
     (half / "meta.json").write_text('{"argv": [], "immiscible_version": "0"}')  # ours: another tool's is refused
     (half / ".config.yaml.tmp-123").write_text("")
-    runs.check_new_run_dir(half)
+    run_create.check_new_run_dir(half)
     (tmp_path / "file").write_text("x")
     with pytest.raises(runs.RunError, match="is a file, not a folder"):
-        runs.check_new_run_dir(tmp_path / "file")
-    made = runs.create_run_at(tmp_path / "made", load_config("quickstart"))
+        run_create.check_new_run_dir(tmp_path / "file")
+    made = run_create.create_run_at(tmp_path / "made", load_config("quickstart"))
     with pytest.raises(runs.RunError, match="already holds a run"):
-        runs.check_new_run_dir(made.path)
+        run_create.check_new_run_dir(made.path)

@@ -17,7 +17,8 @@ from immiscible_cli import checkpoint, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.files import ForeignFileError, append_jsonl, check_own_file, own_file_problem, repair_jsonl
-from immiscible_cli.runs import Run, check_new_run_dir, create_run_at, RunError
+from immiscible_cli.run_create import check_new_run_dir, create_run_at
+from immiscible_cli.runs import Run, RunError
 
 runner = CliRunner()
 SETS = [a for s in TINY for a in ("--set", s)]

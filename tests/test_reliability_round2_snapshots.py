@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, only_error
 from typer.testing import CliRunner
 
-from immiscible_cli import checkpoint, trainer
+from immiscible_cli import checkpoint, checkpoint_format, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.networks import expected_snapshot
@@ -66,7 +66,7 @@ def damaged(request, trained_run, tmp_path):
 def test_the_field_is_named_by_the_loader(damaged):
     run, newest, field = damaged
     expected = expected_snapshot(Run(run).config())
-    problems = checkpoint.mismatches(torch.load(newest, weights_only=True), expected)
+    problems = checkpoint_format.mismatches(torch.load(newest, weights_only=True), expected)
     assert problems and problems[0].startswith(field), problems
     loaded = checkpoint.load_newest(Run(run), "cpu", expected)  # resume's choice: the snapshot before it
     assert loaded.checkpoint.path != newest and field in loaded.skipped[0]
@@ -93,7 +93,7 @@ def test_resume_falls_back_to_the_snapshot_before_and_says_why(trained_run, tmp_
 def test_an_untouched_snapshot_has_no_field_problems(trained_run):
     expected = expected_snapshot(trained_run.config())
     for ckpt in checkpoint.list_checkpoints(trained_run):
-        assert checkpoint.field_problems(torch.load(ckpt.path, weights_only=True), expected) == []
+        assert checkpoint_format.field_problems(torch.load(ckpt.path, weights_only=True), expected) == []
 
 
 def test_every_temporary_file_a_killed_write_left_is_removed_under_the_lock(trained_run, tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from immiscible_cli import provenance, runs
+from immiscible_cli import provenance, run_create, runs
 from immiscible_cli.runs import append_fid_row, fid_settings, read_fid_rows
 from immiscible_cli.config import load_config
 
@@ -15,10 +15,10 @@ from immiscible_cli.config import load_config
 def test_numbered_runs_never_collide(tmp_path):
     cfg = load_config("quickstart")
     (tmp_path / "runs" / "00007-old").mkdir(parents=True)  # a foreign numbered folder counts too
-    first = runs.create_run(tmp_path / "runs", cfg, argv=["immiscible", "train"])
-    second = runs.create_run(tmp_path / "runs", cfg)
+    first = run_create.create_run(tmp_path / "runs", cfg, argv=["immiscible", "train"])
+    second = run_create.create_run(tmp_path / "runs", cfg)
     assert first.name == "00008-quickstart" and second.name == "00009-quickstart"
-    assert runs.next_run_path(tmp_path / "runs", "x").name == "00010-x"
+    assert run_create.next_run_path(tmp_path / "runs", "x").name == "00010-x"
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -47,7 +47,7 @@ def test_git_state_names_the_commit_and_uncommitted_edits(tmp_path):
 
 def test_round_trip(tmp_path):
     cfg = load_config("fmnist-knn", ["train.lr=1e-4"])
-    run = runs.create_run(tmp_path, cfg, argv=["immiscible", "train", "--preset", "fmnist-knn"])
+    run = run_create.create_run(tmp_path, cfg, argv=["immiscible", "train", "--preset", "fmnist-knn"])
     reopened = runs.open_run(run.path)
     assert reopened.config() == cfg
     meta = reopened.meta()
@@ -67,7 +67,7 @@ def test_round_trip(tmp_path):
 
 
 def test_truncation_drops_rows_after_a_kimg(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     for kimg in (1.0, 2.0, 3.0):
         run.append_metrics({"kimg": kimg})
     append_fid_row(run, {"kimg": 3.0, "fid": 1.0})
@@ -84,14 +84,14 @@ def test_open_and_latest_errors(tmp_path):
     with pytest.raises(runs.RunError, match="no runs found"):
         runs.latest_run(tmp_path)
     cfg = load_config("quickstart")
-    runs.create_run(tmp_path, cfg)
-    newest = runs.create_run(tmp_path, cfg)
+    run_create.create_run(tmp_path, cfg)
+    newest = run_create.create_run(tmp_path, cfg)
     (tmp_path / "00099-half-made").mkdir()  # no config.yaml: not a run
     assert runs.latest_run(tmp_path).path == newest.path
 
 
 def test_lock_refuses_a_second_holder(tmp_path):
-    run = runs.create_run(tmp_path, load_config("quickstart"))
+    run = run_create.create_run(tmp_path, load_config("quickstart"))
     with run.lock():
         with pytest.raises(runs.RunError, match="already being trained"):
             with run.lock():

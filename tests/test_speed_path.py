@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from immiscible_cli import runs, train_batches, trainer
+from immiscible_cli import run_create, runs, train_batches, train_state, train_step, trainer
 from immiscible_cli.config import load_config
 from immiscible_cli.data import load_images
 from immiscible_cli.models.unet import GroupNorm, SelfAttention
@@ -27,7 +27,7 @@ def _one_thread():
 
 def make_loop(tmp_path, tiny, *extra: str, device: str = "cpu") -> trainer.TrainingLoop:
     cfg = load_config("quickstart", tiny + list(extra))
-    return trainer.TrainingLoop(cfg, runs.create_run(tmp_path, cfg), load_images(cfg.data), torch.device(device))
+    return trainer.TrainingLoop(cfg, run_create.create_run(tmp_path, cfg), load_images(cfg.data), torch.device(device))
 
 
 def test_attention_equals_the_reference_math_and_hands_sdpa_contiguous_tensors(monkeypatch):
@@ -78,7 +78,7 @@ def test_compiled_loss_is_one_graph_and_equals_eager(tmp_path, tiny):
     x0, noise = torch.rand(8, 1, 16, 16) * 2 - 1, torch.randn(8, 1, 16, 16)
     t = torch.rand(8)
     eager = loop.per_sample_loss(x0, noise, t, None)
-    compiled = trainer.compile_loss(loop.per_sample_loss, backend="eager", fullgraph=True)(x0, noise, t, None)
+    compiled = train_step.compile_loss(loop.per_sample_loss, backend="eager", fullgraph=True)(x0, noise, t, None)
     assert compiled.shape == (8,)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(compiled.mean(), loop.params[:3])
@@ -136,7 +136,7 @@ def test_linear_pairing_ahead_is_bit_identical_to_serial_and_resumes_exactly(tmp
     assert ahead.batches.state_before() is not None  # step 3's batch is being drawn
     saved, reference = copy.deepcopy(ahead.state_dict()), serial.state_dict()  # as if read from a file
     assert saved["data"] == reference["data"]  # the states from before the draw ahead
-    assert all(torch.equal(saved["rng"][k], reference["rng"][k]) for k in trainer.STREAMS)
+    assert all(torch.equal(saved["rng"][k], reference["rng"][k]) for k in train_state.STREAMS)
     resumed = make_loop(tmp_path / "r", tiny, *linear)
     resumed.load_state_dict(saved)
     for loop in (ahead, serial, resumed):

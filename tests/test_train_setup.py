@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY
-from immiscible_cli import runs, train_setup
+from immiscible_cli import run_create, runs, train_setup
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
 from immiscible_cli.errors import UserError
@@ -19,7 +19,7 @@ from immiscible_cli.errors import UserError
 def test_plan_creates_continues_or_refuses(tmp_path: Path) -> None:
     fresh = train_setup.plan("quickstart", TINY, out_dir=tmp_path / "runs")
     assert not fresh.continues and fresh.target == tmp_path / "runs" / "00000-quickstart"
-    made = runs.create_run_at(tmp_path / "held", load_config("quickstart", TINY))
+    made = run_create.create_run_at(tmp_path / "held", load_config("quickstart", TINY))
     assert train_setup.plan("quickstart", TINY, out_dir=tmp_path, run_dir=made.path).continues
     resumed = train_setup.plan(None, ["train.total_kimg=1"], out_dir=tmp_path, resume=made.path)
     assert resumed.continues and resumed.target == made.path and resumed.cfg.train.total_kimg == 1
@@ -38,7 +38,7 @@ def test_train_and_study_both_go_through_train_run(tmp_path: Path, monkeypatch) 
 
     def fake(cfg, *, out_dir, run_dir=None, resume=False, **_):
         calls.append((cfg.name, run_dir, resume))
-        return runs.create_run_at(Path(run_dir or out_dir / "made"), cfg)
+        return run_create.create_run_at(Path(run_dir or out_dir / "made"), cfg)
 
     monkeypatch.setattr(train_setup, "train_run", fake)
     monkeypatch.chdir(tmp_path)

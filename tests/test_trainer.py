@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from conftest import train_with_fid
 
-from immiscible_cli import checkpoint, runs, trainer
+from immiscible_cli import checkpoint, run_create, runs, train_loop, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import load_config
+from immiscible_cli.errors import UserError
 from immiscible_cli.runs import read_fid_rows
 
 runner = CliRunner()
@@ -98,7 +99,7 @@ def test_rerunning_into_the_same_run_dir_continues_after_a_crash(tmp_path, tiny)
     a, b = final_parameters(whole), final_parameters(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = load_config("quickstart", tiny + ["seed=5"])
-    with pytest.raises(trainer.UserError, match="another config"):
+    with pytest.raises(UserError, match="another config"):
         trainer.train(other, out_root=tmp_path, run_dir=tmp_path / "crash")
 
 
@@ -209,12 +210,12 @@ def test_an_fid_point_at_a_snapshot_draws_the_grid_from_its_own_images(tmp_path,
            "eval.batch_size=3"]
     cfg = load_config("quickstart", tiny + fid)
     grids = []
-    real_generate = trainer.generate
+    real_generate = train_loop.generate
 
     def counting_generate(*args, **kwargs):
         grids.append(kwargs.get("steps"))
         return real_generate(*args, **kwargs)
-    monkeypatch.setattr(trainer, "generate", counting_generate)
+    monkeypatch.setattr(train_loop, "generate", counting_generate)
     shared = train_with_fid(cfg, out_root=tmp_path / "shared")
     assert grids == []  # both snapshots fall on FID points: no separate grid sampling
     monkeypatch.setattr(scorer.FIDScorer, "shares_grid", lambda self, sample: False)
@@ -279,7 +280,7 @@ def test_ema_warmup_follows_tqch(tmp_path, tiny):
 
     cfg = load_config("quickstart", tiny + ["train.ema_halflife_kimg=null", "train.ema_decay=0.9999",
                                             "train.ema_warmup=true"])
-    run = runs.create_run(tmp_path, cfg)
+    run = run_create.create_run(tmp_path, cfg)
     loop = trainer.TrainingLoop(cfg, run, load_images(cfg.data), torch.device("cpu"))
     assert loop.ema_decay_at(1) == pytest.approx(2 / 11)
     assert loop.ema_decay_at(100) == pytest.approx(101 / 110)

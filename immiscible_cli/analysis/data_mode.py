@@ -181,7 +181,7 @@ def measure(cfg: Config, rule: AssignerConfig, images: ImageSet, settings: DataS
     distances = {key: 0.0 for key in ("pair_dist", "random_dist", "noise_sqnorm")}
     moments = NoiseMoments(dim, settings.directions, cfg.seed, data_directions(images, cfg.data.hflip))
     clusters = NoiseClusters(probe_count, dim)
-    center = mean_image(images, cfg.data.hflip) * rule.image_scale if assigners.needs_center(rule) else None
+    center = assigners.center_for(rule, lambda: mean_image(images, cfg.data.hflip))
     for index in range(settings.batches):
         x0, _ = stream.next(flips)  # [B, C, H, W] in [-1, 1]
         stats: dict[str, torch.Tensor] = {}

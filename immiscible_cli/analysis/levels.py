@@ -1,24 +1,21 @@
 """The noise-level axis both analysis modes share: a level in [0, 1] (0 = clean data, 1 = pure noise) mapped to each
-objective's own time and noising coefficients, so DDPM and flow runs are drawn on one axis.
+objective's own time and noising coefficients (the objective's `at_level` and `times_at_levels`), so DDPM and flow
+runs are drawn on one axis.
 
-x_t = signal * x0 + noise * n in both objectives (x0 the clean, possibly scaled, image; n the assigned noise):
-- DDPM (objectives/ddpm.py): t = min(round(level T), T - 1), signal = sqrt(abar_t), noise = sqrt(1 - abar_t);
-  the regression target is n (eps-prediction). Level 0.5 is t = 0.5T, level 0.9 is t = 0.9T, level 1 is t = T - 1.
-- flow (objectives/flow.py, data at t = 1, noise at t = 0): t = 1 - level, signal = t, noise = 1 - t; the target
-  is the velocity x0 - n.
-The target is always target_data * x0 + target_noise * n.
+x_t = signal * x0 + noise * n in every objective (x0 the clean, possibly scaled, image; n the assigned noise), the
+target target_data * x0 + target_noise * n. For example DDPM (objectives/ddpm.py): t = min(round(level T), T - 1),
+signal = sqrt(abar_t), noise = sqrt(1 - abar_t), target n; level 0.5 is t = 0.5T, level 1 is t = T - 1. Flow
+(objectives/flow.py, data at t = 1): t = 1 - level, signal = t, noise = 1 - t, target the velocity x0 - n.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Union
-
 import torch
 
 from ..errors import UserError
-from ..objectives import DDPM, Flow
+from ..objectives import Objective
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Noise levels of data mode by default: ten points, 0.5 and 0.9 (t = 0.5T and 0.9T for DDPM) among them."""
@@ -57,21 +54,14 @@ def parse_levels(text: str | None) -> tuple[float, ...]:
     return tuple(values)
 
 
-def noise_level(objective: Union[DDPM, Flow], level: float) -> NoiseLevel:
+def noise_level(objective: Objective, level: float) -> NoiseLevel:
     """The grid point at `level` in (0, 1] for this objective (see the module docstring)."""
-    if isinstance(objective, DDPM):
-        t = min(round(level * objective.T), objective.T - 1)
-        abar = float(objective.alpha_bar[t])
-        return NoiseLevel(level, t, math.sqrt(abar), math.sqrt(1.0 - abar), 0.0, 1.0)
-    t = 1.0 - level
-    return NoiseLevel(level, t, t, 1.0 - t, 1.0, -1.0)
+    return NoiseLevel(level, *objective.at_level(level))
 
 
-def times_in_bin(objective: Union[DDPM, Flow], low: float, high: float, count: int,
+def times_in_bin(objective: Objective, low: float, high: float, count: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """`count` training times [count] whose noise level is uniform in [low, high): DDPM integer timesteps
-    floor(level T) (long), flow t = 1 - level (float32)."""
+    """`count` training times [count] whose noise level is uniform in [low, high) (`times_at_levels`: DDPM integer
+    timesteps floor(level T), long; flow t = 1 - level, float32)."""
     level = low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)  # [count]
-    if isinstance(objective, DDPM):
-        return (level * objective.T).floor().long().clamp(0, objective.T - 1)
-    return (1.0 - level).to(torch.float32)
+    return objective.times_at_levels(level)

@@ -84,8 +84,7 @@ def loss_per_bin(net: torch.nn.Module, cfg: Config, images: ImageSet, settings: 
     """Mean per-sample loss in each noise-level bin under the run's rule (`own`) and vanilla noise."""
     objective = build_objective(cfg.objective)
     rules = {"own": cfg.assigner, "vanilla": VanillaAssigner(image_scale=cfg.assigner.image_scale)}
-    center = (mean_image(images, cfg.data.hflip) * cfg.assigner.image_scale
-              if assigners.needs_center(cfg.assigner) else None)  # KNN's centred score: the training data's mean
+    center = assigners.center_for(cfg.assigner, lambda: mean_image(images, cfg.data.hflip))  # KNN's centred score
     count, batch = min(settings.images, len(images)), cfg.train.batch_size
     sums = {name: [0.0] * settings.bins for name in rules}
     conditional = cfg.model.num_classes is not None

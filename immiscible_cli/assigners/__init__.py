@@ -8,8 +8,9 @@ noise)`, and registers a `rule.Rule` (its `pair` and its properties) in `ASSIGNE
 - `noise` is what the objective uses both to build x_t and as its regression target. Only noise is chosen or
   permuted: images and labels keep their order. The rule never sees the model or the timestep.
 - every random draw comes from `generator` (on x0's device).
-- `center` is the training set's mean image [C, H, W] in the scaled model space (data.mean_image x image_scale),
-  for rules that score against it (KNN's `centred` score); the others ignore it. `needs_center(cfg)` says which.
+- `center` is the training set's mean image [C, H, W] in the scaled model space (data.mean_image x image_scale:
+  `center_for(cfg, mean)`, the one place that scales it), for rules that score against it (KNN's `centred` score);
+  the others ignore it. `needs_center(cfg)` says which.
 - `stats`, when a dict, receives 0-dim float32 tensors on the batch's device, written without host sync (linear
   needs the CPU anyway): `pair_dist` (mean |x0_paired_i - noise_i|), `random_dist` (the same for the random pairing
   of the same batch) and `noise_sqnorm` (mean |noise_i|^2 / D). `meter.PairingMeter` times calls and averages these.
@@ -19,7 +20,7 @@ noise)`, and registers a `rule.Rule` (its `pair` and its properties) in `ASSIGNE
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +51,16 @@ def needs_center(cfg: AssignerConfig) -> bool:
     return ASSIGNERS[cfg.name].needs_center(cfg)
 
 
+def center_for(cfg: AssignerConfig, mean: Tensor | Callable[[], Tensor]) -> Tensor | None:
+    """The `center` to pair with: the data's mean image in model space (`mean`, or `mean()`, called only when the
+    rule needs it: a training set's mean costs a pass over it) times image_scale, when the rule scores against it
+    (needs_center); None for the others. A scale of 1 returns the mean itself (the same bits either way)."""
+    if not needs_center(cfg):
+        return None
+    mean = mean() if callable(mean) else mean
+    return mean if cfg.image_scale == 1.0 else mean * cfg.image_scale
+
+
 def check_available(cfg: AssignerConfig) -> None:
     """Fail early, with one line, when the rule needs an optional package that is not installed."""
     ASSIGNERS[cfg.name].check_available(cfg)
@@ -60,5 +71,5 @@ def decode(samples: Tensor, cfg: AssignerConfig) -> Tensor:
     return (samples / cfg.image_scale).clamp(-1.0, 1.0)
 
 
-__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "Rule", "Shard", "check_available", "decode", "needs_center", "pair",
-           "waits_for_host"]
+__all__ = ["ASSIGNERS", "AssignerConfig", "PairFn", "Rule", "Shard", "center_for", "check_available", "decode",
+           "needs_center", "pair", "waits_for_host"]

@@ -108,6 +108,34 @@ def direction_scores(target: Tensor, candidates: Tensor) -> Tensor:
     return torch.bmm(target, candidates.permute(1, 2, 0)).div_(norm).neg_().view(batch, group)  # [B, g]
 
 
+def _draw_and_score(slots: Tensor, chunk: list[int], generator: torch.Generator, draw_batch: int | None,
+                    shard_rows: slice | None, x: Tensor, sq_x: Tensor, target: Tensor, score: str,
+                    first_chunk: bool) -> tuple[Tensor, Tensor | None]:
+    """Draw one chunk's candidate groups into slots[0:c] [c, B, C, H, W] and score them: (scores [B, c], and with
+    a direction score on the first chunk candidate 0's |x - n|^2 [B], for the stats; else None). One randn call per
+    draw group, in stream order, scored group by group: a group's scores are then bit-identical however the groups
+    are chunked, so the budget never changes the result."""
+    batch, dim = x.shape[0], x.shape[2]
+    scores = torch.empty((batch, sum(chunk)), dtype=x.dtype, device=x.device)  # [B, c]
+    first, start = None, 0
+    for group in chunk:
+        slab = slots[start:start + group]  # [g, B, C, H, W]
+        if shard_rows is None:
+            torch.randn(slab.shape, generator=generator, dtype=slab.dtype, device=slab.device, out=slab)
+        else:  # the whole batch's draw [g, draw_batch, C, H, W], of which this process keeps its rows
+            slab.copy_(torch.randn((group, draw_batch, *slab.shape[2:]), generator=generator, dtype=slab.dtype,
+                                   device=slab.device)[:, shard_rows])
+        flat = slab.view(group, batch, dim).to(x.dtype)  # [g, B, D]
+        if score == "l2":
+            scores[:, start:start + group] = squared_distances(x, sq_x, flat)
+        else:
+            scores[:, start:start + group] = direction_scores(target, flat)
+            if first_chunk and start == 0:  # candidate 0, the vanilla draw: its L2 distance for the stats
+                first = squared_distances(x, sq_x, flat[:1]).view(batch)
+        start += group
+    return scores, first
+
+
 def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes: float,
                    draw_batch: int | None = None, shard_rows: slice | None = None, score: str = "l2",
                    center: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,25 +168,9 @@ def select_nearest(x0: Tensor, k: int, generator: torch.Generator, budget_bytes:
     rows_of = buffer.view(-1, dim)  # [slots * B, D]: row s * B + i is image i's candidate in slot s
     carry, best, first = None, None, None
     for index, chunk in enumerate(chunks):
-        scores = torch.empty((batch, sum(chunk)), dtype=work, device=x0.device)  # [B, c]
-        start = 0
-        for group in chunk:
-            # One randn call per draw group, in stream order, scored group by group: a group's scores are then
-            # bit-identical however the groups are chunked, so the budget never changes the result.
-            slab = buffer[offset + start:offset + start + group]  # [g, B, C, H, W]
-            if shard_rows is None:
-                torch.randn(slab.shape, generator=generator, dtype=x0.dtype, device=x0.device, out=slab)
-            else:  # the whole batch's draw [g, draw_batch, C, H, W], of which this process keeps its rows
-                slab.copy_(torch.randn((group, draw_batch, *x0.shape[1:]), generator=generator, dtype=x0.dtype,
-                                       device=x0.device)[:, shard_rows])
-            flat = slab.view(group, batch, dim).to(work)  # [g, B, D]
-            if score == "l2":
-                scores[:, start:start + group] = squared_distances(x, sq_x, flat)
-            else:
-                scores[:, start:start + group] = direction_scores(target, flat)
-                if index == 0 and start == 0:  # candidate 0, the vanilla draw: its L2 distance for the stats
-                    first = squared_distances(x, sq_x, flat[:1]).view(batch)
-            start += group
+        scores, drawn_first = _draw_and_score(buffer[offset:], chunk, generator, draw_batch, shard_rows, x, sq_x,
+                                              target, score, index == 0)  # [B, c]
+        first = drawn_first if drawn_first is not None else first
         chunk_best, pick = scores.min(dim=1)  # [B]; ties go to the first index, as over all k at once
         slot = pick + offset  # [B]
         if best is None:

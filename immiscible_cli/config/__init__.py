@@ -1,11 +1,13 @@
-"""Configuration: the schema (`schema.py`) apart from loading, presets, `--set` and errors (`loading.py`)."""
+"""Configuration: the schema (`schema.py`) apart from loading, presets and `--set` (`loading.py`) and validation with
+its one-line errors (`validation.py`)."""
 
-from .loading import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, ConfigError, changed_fields, check_sampler,
-                      check_steps, list_presets, load_config, load_run_config, load_yaml, preset_dir, read_yaml,
-                      resolve_preset, resumable, validate, with_overrides)
+from .loading import (RESUMABLE_OVERRIDES, SAMPLING_OVERRIDES, changed_fields, check_sampler, check_steps,
+                      list_presets, load_config, load_run_config, load_yaml, preset_dir, read_yaml, resolve_preset,
+                      resumable, with_overrides)
 from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIVE_SECTIONS, SAMPLERS, Assigner,
                      Config, DataConfig, DDPMObjective, EvalConfig, FlowObjective, KNNAssigner, LinearAssigner,
                      ModelConfig, Objective, SampleConfig, TrainConfig, VanillaAssigner)
+from .validation import ConfigError, validate
 
 __all__ = [
     "ASSIGNER_NAMES", "ASSIGNER_SECTIONS", "DEFAULT_PRESET", "OBJECTIVE_SECTIONS", "RESUMABLE_OVERRIDES", "SAMPLERS",

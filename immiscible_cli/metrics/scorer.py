@@ -25,6 +25,7 @@ from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
 from ..generation import generate
+from ..objectives import OBJECTIVES, sampler_settings
 from .features import FIDExtractor
 from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
@@ -124,9 +125,11 @@ class FIDScorer:
         """Whether a snapshot grid (sample.grid_size images of seeds 0, 1, ...) is the first images of this scorer's
         FID point, so that a point scored at a snapshot can hand its images to the grid instead of sampling them
         again: the same sampler, steps and precision (fp32, as the grid samples), a sampler whose images do not
-        depend on the batch (not dopri5), and one process (with several, rank 0 does not make seeds 0..N-1)."""
+        depend on the batch (not one of the objective's `batch_dependent_samplers`: dopri5), and one process (with
+        several, rank 0 does not make seeds 0..N-1)."""
         return (self.sampler == sample.sampler and self.steps == sample.steps and self.cfg.eval.precision == "fp32"
-                and self.sampler != "dopri5" and sample.grid_size <= self.num_images and distributed.world() == 1)
+                and self.sampler not in OBJECTIVES[self.cfg.objective.kind].batch_dependent_samplers
+                and sample.grid_size <= self.num_images and distributed.world() == 1)
 
     def score(self, net: torch.nn.Module, *, kimg: float, step: int, train_s: float, ema: bool = True,
               progress: Progress | None = None, keep: int = 0) -> dict[str, Any]:
@@ -183,13 +186,12 @@ class FIDScorer:
 
 
 def sampling_settings(cfg: Config, sampler: str) -> dict[str, Any]:
-    """The sampling fields besides sampler, steps and guidance that change the images: those the sampler uses,
-    null for the others (so changing, say, eta does not split a flow run's FID curve)."""
-    s, ddpm = cfg.sample, cfg.objective.kind == "ddpm"
-    return {"eta": s.eta if sampler == "ddim" else None, "clip_x0": s.clip_x0 if ddpm else None,
-            "ddim_grid": s.ddim_grid if ddpm else None, "ode_atol": s.ode_atol if sampler == "dopri5" else None,
-            "ode_rtol": s.ode_rtol if sampler == "dopri5" else None,  # image_scale is the method's, in config.yaml
-            "noise": s.noise, "start_std": s.start_std, "start": s.start}
+    """The sampling fields besides sampler, steps and guidance that change the images: every objective's sampler
+    fields, those the sampler uses and null for the others (objectives.sampler_settings: so changing, say, eta does
+    not split a flow run's FID curve), then the start noise's (image_scale is the method's, in config.yaml)."""
+    s = cfg.sample
+    return {**sampler_settings(cfg.objective.kind, s, sampler), "noise": s.noise, "start_std": s.start_std,
+            "start": s.start}
 
 
 def inception_precision(wanted: str, device: torch.device) -> str:

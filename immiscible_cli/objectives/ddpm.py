@@ -19,13 +19,14 @@ clip_sample); DDIM then recomputes eps from the clipped x0 so that the step stay
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from immiscible_cli.config import SAMPLERS, DDPMObjective
+from immiscible_cli.config import SAMPLERS, DDPMObjective, SampleConfig
 from immiscible_cli.objectives.guidance import guided_prediction
+from immiscible_cli.objectives.protocol import Coefficients
 
 GRIDS: tuple[str, ...] = ("linspace", "stride")
 
@@ -34,6 +35,9 @@ class DDPM:
     """Epsilon-prediction diffusion with a linear beta schedule (config `objective.kind: ddpm`)."""
 
     samplers: tuple[str, ...] = SAMPLERS["ddpm"]
+    editable_samplers: tuple[str, ...] = SAMPLERS["ddpm"]  # both call after_step at every step
+    batch_dependent_samplers: tuple[str, ...] = ()
+    sampler_fields: tuple[str, ...] = ("eta", "clip_x0", "ddim_grid")
 
     def __init__(self, cfg: DDPMObjective):
         self.T = cfg.timesteps
@@ -69,6 +73,27 @@ class DDPM:
         x_t = sqrt_abar[t].view(broadcast) * x0 + sqrt_one_minus_abar[t].view(broadcast) * noise  # [B, C, H, W]
         eps = net(x_t, self.net_time(t), labels)  # [B, C, H, W]
         return (eps.float() - noise.float()).square().flatten(1).mean(dim=1)  # [B]
+
+    def noised(self, data: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
+        """x_t = sqrt(abar) data + sqrt(1 - abar) noise (Ho et al. 2020, Eq. 4) at the sampler level abar."""
+        return math.sqrt(level) * data + math.sqrt(1.0 - level) * noise  # [B, C, H, W]
+
+    def at_level(self, level: float) -> Coefficients:
+        """Noise level in (0, 1] -> t = min(round(level T), T - 1), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n,
+        target n (eps-prediction). Level 0.5 is t = 0.5T, level 1 is t = T - 1."""
+        t = min(round(level * self.T), self.T - 1)
+        abar = float(self.alpha_bar[t])
+        return Coefficients(t, math.sqrt(abar), math.sqrt(1.0 - abar), 0.0, 1.0)
+
+    def times_at_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """Integer timesteps floor(level T) (long, clamped to [0, T)) at noise levels [N]."""
+        return (levels * self.T).floor().long().clamp(0, self.T - 1)
+
+    @classmethod
+    def sampler_settings(cls, sample: SampleConfig, sampler: str) -> dict[str, Any]:
+        """eta (DDIM only), clip_x0 and the timestep grid: the sample.* fields these samplers read."""
+        return {"eta": sample.eta if sampler == "ddim" else None, "clip_x0": sample.clip_x0,
+                "ddim_grid": sample.ddim_grid}
 
     def sampling_timesteps(self, steps: int, grid: str = "linspace") -> list[int]:
         """The N sampler timesteps, descending, on the "linspace" or "stride" grid (see the module docstring)."""
@@ -125,29 +150,34 @@ class DDPM:
                 if attempt:  # RePaint's jump back: x_tau ~ q(x_tau | x_tau_prev)
                     x = self.renoise(x, abar_prev, abar, randn)  # [B, C, H, W]
                 eps = guided_prediction(net, x, t_net, labels, guidance).to(x.dtype)  # [B, C, H, W]
-                x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
-                if clip_x0 is not None:
-                    x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
-                    # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree.
-                    eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
-                if sampler == "ddim":
-                    # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
-                    sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-                    x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
-                    if sigma > 0.0:
-                        x = x + sigma * randn(x)
-                else:
-                    # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; Eq. 6-7's posterior
-                    # (its mean takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
-                    alpha = abar / abar_prev
-                    beta = 1.0 - alpha
-                    mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
-                            + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
-                    variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
-                    x = mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
+                x = self._step(x, eps, abar, abar_prev, sampler=sampler, eta=eta, clip_x0=clip_x0, randn=randn)
                 if after_step is not None:
                     x = after_step(x, abar_prev)  # [B, C, H, W]
         return x
+
+    @staticmethod
+    def _step(x: torch.Tensor, eps: torch.Tensor, abar: float, abar_prev: float, *, sampler: str, eta: float,
+              clip_x0: float | None, randn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """One sampler step from x [B, C, H, W] at level abar to abar_prev, given the network's eps there: DDIM
+        (Eq. 12, sigma from Eq. 16) or the ancestral step on the respaced schedule (Eq. 6-7)."""
+        x0_pred = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # Eq. 12's "predicted x0"
+        if clip_x0 is not None:
+            x0_pred = x0_pred.clamp(-clip_x0, clip_x0)  # [B, C, H, W]
+            # Eq. 4 solved for eps with the clipped x0: DDIM's "direction pointing to x_t" must agree.
+            eps = (x - math.sqrt(abar) * x0_pred) / math.sqrt(1.0 - abar)  # [B, C, H, W]
+        if sampler == "ddim":
+            # sigma (Eq. 16) is exactly 0 on the last step, where abar_prev = 1.
+            sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+            x = math.sqrt(abar_prev) * x0_pred + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+            return x + sigma * randn(x) if sigma > 0.0 else x
+        # Respaced step tau -> tau_prev: alpha = abar / abar_prev, beta = 1 - alpha; Eq. 6-7's posterior (its mean
+        # takes the clipped x0 when clipping, as tqch/ddpm-torch's p_mean_var).
+        alpha = abar / abar_prev
+        beta = 1.0 - alpha
+        mean = (math.sqrt(abar_prev) * beta / (1.0 - abar) * x0_pred
+                + math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar) * x)  # [B, C, H, W]
+        variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # beta-tilde; 0 on the last step
+        return mean + math.sqrt(variance) * randn(x) if variance > 0.0 else mean
 
     @staticmethod
     def renoise(x: torch.Tensor, abar_from: float, abar_to: float,

@@ -21,19 +21,23 @@ Samplers integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from immiscible_cli.config import SAMPLERS, FlowObjective
+from immiscible_cli.config import SAMPLERS, FlowObjective, SampleConfig
 from immiscible_cli.objectives.guidance import guided_prediction
+from immiscible_cli.objectives.protocol import Coefficients
 
 
 class Flow:
     """Velocity-prediction flow matching on the straight noise-to-data path (config `objective.kind: flow`)."""
 
     samplers: tuple[str, ...] = SAMPLERS["flow"]
+    editable_samplers: tuple[str, ...] = ("euler", "heun")  # dopri5's adaptive steps have no fixed points
+    batch_dependent_samplers: tuple[str, ...] = ("dopri5",)  # its step sizes follow the whole batch's error
+    sampler_fields: tuple[str, ...] = ("ode_atol", "ode_rtol")
 
     def __init__(self, cfg: FlowObjective):
         self.cfg = cfg
@@ -60,6 +64,25 @@ class Flow:
         velocity = net(x_t, self.net_time(t), labels)  # [B, C, H, W]
         target = data.float() - noise.float()
         return (velocity.float() - target).square().flatten(1).mean(dim=1)  # [B]
+
+    def noised(self, data: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
+        """x_t = t data + (1 - t) noise at the sampler level t (data at t = 1)."""
+        return level * data + (1.0 - level) * noise  # [B, C, H, W]
+
+    def at_level(self, level: float) -> Coefficients:
+        """Noise level in (0, 1] -> t = 1 - level, x_t = t x0 + (1 - t) n, target the velocity x0 - n."""
+        t = 1.0 - level
+        return Coefficients(t, t, 1.0 - t, 1.0, -1.0)
+
+    def times_at_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """Times t = 1 - level (float32) at noise levels [N]."""
+        return (1.0 - levels).to(torch.float32)
+
+    @classmethod
+    def sampler_settings(cls, sample: SampleConfig, sampler: str) -> dict[str, Any]:
+        """dopri5's tolerances (the fixed-grid samplers read no other field)."""
+        adaptive = sampler == "dopri5"
+        return {"ode_atol": sample.ode_atol if adaptive else None, "ode_rtol": sample.ode_rtol if adaptive else None}
 
     def sample(self, net: nn.Module, noise: torch.Tensor, *, sampler: str, steps: int, eta: float = 0.0,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
