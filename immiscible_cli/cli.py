@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, exit_now, fail,
-                          joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors,
-                          several_processes)
+from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, VaeOpt, err, examples,
+                          exit_now, fail, joins_process_group, on_rank0, one_process, other_rank, out,
+                          reports_user_errors, several_processes)
 from .config.schema import MAX_BATCH, MAX_FID_IMAGES, MAX_STEPS
 from .errors import UserError, names_memory_field
 
@@ -135,6 +135,7 @@ def sample(
     resample: Annotated[int, typer.Option(min=0, help="With --inpaint: RePaint jumps back per step "
                                           "(0 = off).")] = 0,
     set_: SamplingSetOpt = None,
+    vae: VaeOpt = None,
 ) -> None:
     """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
     one_process("sample")
@@ -174,7 +175,7 @@ def sample(
     with Bars(err) as bars:
         written = sampling.sample_run(source, ckpt=ckpt, seeds=chosen, steps=steps, sampler=sampler,
                                       guidance=guidance, label=class_, batch=batch, out_dir=out_dir, grid=grid,
-                                      ema=ema, device=device, progress=bars, overrides=set_ or [])
+                                      ema=ema, device=device, progress=bars, overrides=set_ or [], vae=vae)
     for path in written:
         shown = f" (the first {sampling.GRID_MAX} of {len(chosen)} images)" \
             if path == grid and len(chosen) > sampling.GRID_MAX else ""
@@ -223,6 +224,7 @@ def eval_(
     inception: InceptionOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     set_: SamplingSetOpt = None,
+    vae: VaeOpt = None,
 ) -> None:
     """Score a run's checkpoints with FID (clean-fid's pipeline).
 
@@ -238,7 +240,7 @@ def eval_(
                                         sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
                                         inception=inception, device=device,
                                         console=Console(quiet=True) if other_rank() else err,
-                                        reference_images=reference_images, overrides=set_ or [])
+                                        reference_images=reference_images, overrides=set_ or [], vae=vae)
     if other_rank():  # rank 0 reports
         return
     if as_json:

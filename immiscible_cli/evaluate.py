@@ -27,11 +27,13 @@ from .config import check_steps
 from .console import Bars, show_table
 from .errors import UserError
 from .files import check_writable
+from .latents import run_decoder, run_header
 from .metrics import FIDExtractor
 from .metrics.scorer import FIDScorer, inception_precision
 from .runs import append_fid_row, fid_settings, read_fid_rows
 from .networks import load_network, pick_device
 from .sampling import sampling_config
+from .vae import attach
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -55,8 +57,10 @@ def _surely_due(run: runs.Run, specs: list[str]) -> bool:
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
                   inception: Path | None, device: str, console: Console,
-                  reference_images: int | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+                  reference_images: int | None = None, overrides: Sequence[str] = (),
+                  vae: Path | None = None) -> list[dict[str, Any]]:
     """Score every selected checkpoint that has no row with the same settings yet; the curves per run.
+    A latent run's images are decoded by its recorded VAE (or `vae`, `--vae`; checked by sha256).
 
     `overrides`: `--set` of sampling and FID fields (SAMPLING_OVERRIDES, e.g. `sample.start_std=0.98`), applied to
     every run's config; the rows record them, so such a point sits beside the run's own and is compared only with
@@ -75,9 +79,11 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         if spec != "all":
             checkpoint.parse_spec(spec)
     torch_device = pick_device(device)
+    decoders = [run_decoder(run, cfg, vae, torch_device) for run, cfg in zip(targets, configs)]  # latent runs'
+    # VAEs: a missing or changed one fails before any scoring
     extractors: dict[tuple[str, str], FIDExtractor] = {}  # one Inception network per mode and precision
     results = []
-    for run, cfg in zip(targets, configs):
+    for run, cfg, decoder in zip(targets, configs, decoders):
         if steps is not None:
             check_steps(cfg, steps)
         chosen_mode = mode or cfg.eval.mode
@@ -88,7 +94,8 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
         with Bars(console) as bars:
             scorer = FIDScorer(cfg, torch_device, progress=bars, num_images=num_images, sampler=sampler,
                                steps=steps, reference=reference, mode=chosen_mode, batch=batch, kid=kid,
-                               extractor=extractors[key], reference_images=reference_images)
+                               extractor=extractors[key], reference_images=reference_images,
+                               latent=run_header(run, cfg))
         wanted = json.dumps(scorer.settings(), sort_keys=True)
 
         def matches(row: dict[str, Any]) -> bool:
@@ -111,6 +118,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
                           f"scored with these settings, {len(todo)} to score", markup=False)
             for ckpt in todo:
                 net, _, _, state = load_network(run, ckpt, True, torch_device)
+                attach(net, decoder)
                 with Bars(console) as bars:
                     row = scorer.score(net, kimg=ckpt.kimg, step=int(state["step"]),
                                        train_s=float(state["train_s"]), progress=lambda done, total, _:

@@ -4,7 +4,8 @@ A run directory describes itself (resolved config, provenance, append-only logs)
 
     runs/00007-cifar10-knn/
       config.yaml      the resolved config (reload with `Run.config()`)
-      meta.json        provenance: argv, versions, git SHA, device, start time
+      meta.json        provenance: argv, versions, git SHA, device, start time; a latent run's `latents` (its
+                       file, source images and VAE: latents.LatentHeader.record)
       log.txt          tee'd log, one fixed-field status line per tick
       metrics.jsonl    one row per tick (training statistics)
       fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number (below)
@@ -22,8 +23,9 @@ A fid.jsonl row (written by metrics/scorer.py):
     sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every other sampler field that changes the
     samples; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
     generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
-    dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
-    sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
+    dtype of the Inception network), decoder (null for pixels; a latent run's VAE: {"config_sha256",
+    "weights_sha256", "scaling_factor", "shift_factor"}, its folder in `decoder_path`, not a setting), frechet
+    ("eigh": stats.frechet_distance_eigh; rows without it used scipy's sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
     nfe (network evaluations per image, mean over batches), seconds (scoring time),
     train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
 Only rows with equal `fid_settings` are comparable. Reading a run needs no torch (compare, study status).
@@ -66,11 +68,11 @@ FID_ROW = RowSchema(required={"kimg": NUMBER, "fid": NUMBER},
 
 # The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
 FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights",
-                "inception_precision")
+                "inception_precision", "decoder")
 # Settings added later, with the value every row written before them had: a row lacking one means this value.
 SETTING_DEFAULTS: dict[str, Any] = {
     "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"},
-    "inception_precision": "fp32"}
+    "inception_precision": "fp32", "decoder": None}
 
 
 def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
