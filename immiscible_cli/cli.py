@@ -250,6 +250,48 @@ def eval_(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# encode
+
+
+@app.command(epilog=examples(
+    "a folder of images at 256 px through Stable Diffusion's VAE (a local folder), for `latents-knn`",
+    "immiscible encode --vae ~/models/sd-vae --preset cifar10-knn --set data.source=imagefolder "
+    "--set data.root=/data/faces --set data.resolution=256 --out faces.safetensors",
+    "run the same command again after a kill: it continues at the first chunk not written",
+    "immiscible encode --vae ~/models/sd-vae --preset fmnist-knn --set data.resolution=256 --set data.fit=resize "
+    "--out fm.safetensors",
+))
+@reports_user_errors
+def encode(
+    vae: Annotated[Path, typer.Option("--vae", help="Folder of a diffusers AutoencoderKL (config.json and "
+                                      "weights); read locally, nothing is downloaded.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The latents file to write (.safetensors).")],
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Images per VAE call and per chunk of the "
+                                       "resumable encode.")] = 32,
+    precision: Annotated[str, typer.Option(help="Storage of the latents: fp32 | fp16 (the VAE runs in fp32).")]
+    = "fp32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out, or an unfinished encode made "
+                                        "with other settings.")] = False,
+) -> None:
+    """Encode a preset's images with a VAE into a latents file, for `data.source: latents` (the latents-knn
+    preset); chunked, resumable by running it again."""
+    one_process("encode")
+    from . import encode as encode_mod
+    from .console import Bars
+
+    with Bars(err) as bars:
+        header = encode_mod.encode(vae, preset, set_ or [], out_file, batch=batch, precision=precision,
+                                   device=device, force=force, progress=bars)
+    channels, side, _ = header.shape
+    out.print(f"wrote {out_file}: {header.images} latents of {channels}x{side}x{side} ({header.precision}); train "
+              f"on them with --set data.root={out_file} (data.channels={channels}, data.resolution={side})",
+              markup=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # compare
 
 
