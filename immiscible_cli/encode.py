@@ -6,9 +6,9 @@ grey images are repeated to RGB when the VAE takes 3 channels. Chunk c holds ima
 `--batch` B, encoded in one call (vae.Vae.encode: the posterior mean, shifted and scaled) and written atomically
 to OUT.partial/chunk-NNNNNN.safetensors, then listed in OUT.partial/progress.json with the settings it was made
 with. A killed encode, run again with the same settings, skips the chunks listed there and writes the same bytes
-as one that ran through (each chunk is the same call on the same images); other settings are refused unless
-`--force`. The final file is written atomically from the chunks, then OUT.partial/ is removed. An existing OUT is
-replaced only with `--force`.
+as one that ran through (each chunk is the same call on the same images, on the same kind of device); other
+settings are refused unless `--force`. The final file is written atomically from the chunks, then OUT.partial/ is
+removed. An existing OUT is replaced only with `--force`.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def open_partial(out: Path, settings: dict[str, Any], force: bool) -> set[int]:
         if same:
             return {i for i in done if chunk_path(partial, i).is_file()}
         if not force:
-            raise EncodeError(f"{partial}: holds an unfinished encode with other settings (VAE, data, --batch or "
-                              f"--precision); run it again with those, or add --force to start over")
+            raise EncodeError(f"{partial}: holds an unfinished encode with other settings (VAE, data, --batch, "
+                              f"--precision or --device); run it again with those, or add --force to start over")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -136,10 +136,11 @@ def encode(vae_dir: Path, preset: str | None, overrides: list[str], out: Path, *
     check_writable(out, "file", "--out")
     identity = vae_mod.identify(vae_dir, "--vae", "--vae DIR")
     cfg = image_data(load_config(preset, overrides), identity)  # bad options fail before diffusers is imported
-    model = vae_mod.load(identity, vae_dir, "--vae", "--vae DIR", pick_device(device))
+    torch_device = pick_device(device)
+    model = vae_mod.load(identity, vae_dir, "--vae", "--vae DIR", torch_device)
     images = load_images(cfg.data)  # at the VAE's channel count (image_data)
     header = make_header(cfg, preset or cfg.name, identity, images, precision)
-    settings = {**latents.metadata(header), "batch": batch}
+    settings = {**latents.metadata(header), "batch": batch, "device": torch_device.type}  # the same bits on resume
     done = open_partial(out, settings, force)
     note(progress, f"encoding {len(images)} images of {images.name} with the VAE at {identity.path} into {out} "
                    f"({len(done)} chunk(s) of {batch} done before)")
