@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import only_error
 from immiscible_cli import config as C
 from immiscible_cli import encode as encode_mod
-from immiscible_cli import latents, vae as vae_mod
+from immiscible_cli import latents, runs, vae as vae_mod
 from immiscible_cli.cli import app
 
 pytest.importorskip("diffusers", reason="latents need the examples extra: pip install '.[examples]'")
@@ -162,6 +162,11 @@ def test_eval_scores_the_decoded_images_and_records_the_decoder(world, stub_fid,
     assert row["decoder"] == header.vae.setting() and row["decoder_path"] == header.vae.path
     assert row["reference"]["name"] == "imagefolder-images" and row["reference"]["resolution"] == 16
     assert row["reference"]["num_images"] == 10  # the images the latents were encoded from
+    assert runs.fid_settings(row)["decoder"] == header.vae.setting()  # a setting of latent rows only:
+    assert "decoder" not in runs.fid_settings({**row, "decoder": None})  # pixel rows compare as before
+    again = invoke("eval", run, "--fid", "--num-images", 4, "--batch", 2, "--device", "cpu")
+    assert "1 already scored with these settings, 0 to score" in again.output
+    assert len((run / "fid.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_missing_or_other_vae_exits_2_before_anything_is_written(world, tmp_path):

@@ -108,14 +108,14 @@ class FIDScorer:
                            "resolution": data.resolution, "file": key.filename()}
 
     def settings(self, ema: bool = True) -> dict[str, Any]:
-        """The part of a row that must match for FIDs to be comparable (FID_SETTINGS)."""
+        """The part of a row that must match for FIDs to be comparable (FID_SETTINGS; a latent run's `decoder`)."""
         w = self.extractor.weights
         return {"num_images": self.num_images, "mode": self.mode, "reference": self.ref_info,
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance,
                 "sampling": {**sampling_settings(self.cfg, self.sampler), "precision": self.cfg.eval.precision},
                 "ema": ema, "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype},
                 "inception_precision": self.extractor.precision,
-                "decoder": self.latent.vae.setting() if self.latent is not None else None}
+                **({"decoder": self.latent.vae.setting()} if self.latent is not None else {})}
 
     def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
         """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
