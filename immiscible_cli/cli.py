@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, err, examples, exit_now, fail,
-                          joins_process_group, on_rank0, one_process, other_rank, out, reports_user_errors,
-                          several_processes)
+from .cli_support import (SAMPLER_HELP, InceptionOpt, PresetOpt, SamplingSetOpt, SetOpt, VaeOpt, err, examples,
+                          exit_now, fail, joins_process_group, on_rank0, one_process, other_rank, out,
+                          reports_user_errors, several_processes)
 from .config.schema import MAX_BATCH, MAX_FID_IMAGES, MAX_STEPS
 from .errors import UserError, names_memory_field
 
@@ -135,6 +135,7 @@ def sample(
     resample: Annotated[int, typer.Option(min=0, help="With --inpaint: RePaint jumps back per step "
                                           "(0 = off).")] = 0,
     set_: SamplingSetOpt = None,
+    vae: VaeOpt = None,
 ) -> None:
     """Generate images from a run's checkpoint; image i depends only on its seed, never on the batch size."""
     one_process("sample")
@@ -174,7 +175,7 @@ def sample(
     with Bars(err) as bars:
         written = sampling.sample_run(source, ckpt=ckpt, seeds=chosen, steps=steps, sampler=sampler,
                                       guidance=guidance, label=class_, batch=batch, out_dir=out_dir, grid=grid,
-                                      ema=ema, device=device, progress=bars, overrides=set_ or [])
+                                      ema=ema, device=device, progress=bars, overrides=set_ or [], vae=vae)
     for path in written:
         shown = f" (the first {sampling.GRID_MAX} of {len(chosen)} images)" \
             if path == grid and len(chosen) > sampling.GRID_MAX else ""
@@ -223,6 +224,7 @@ def eval_(
     inception: InceptionOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     set_: SamplingSetOpt = None,
+    vae: VaeOpt = None,
 ) -> None:
     """Score a run's checkpoints with FID (clean-fid's pipeline).
 
@@ -238,13 +240,55 @@ def eval_(
                                         sampler=sampler, reference=reference, mode=mode, batch=batch, kid=kid,
                                         inception=inception, device=device,
                                         console=Console(quiet=True) if other_rank() else err,
-                                        reference_images=reference_images, overrides=set_ or [])
+                                        reference_images=reference_images, overrides=set_ or [], vae=vae)
     if other_rank():  # rank 0 reports
         return
     if as_json:
         print(evaluate.curves_json(result))
     else:
         evaluate.print_curves(result, out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# encode
+
+
+@app.command(epilog=examples(
+    "a folder of images at 256 px through Stable Diffusion's VAE (a local folder), for `latents-knn`",
+    "immiscible encode --vae ~/models/sd-vae --preset cifar10-knn --set data.source=imagefolder "
+    "--set data.root=/data/faces --set data.resolution=256 --out faces.safetensors",
+    "run the same command again after a kill: it continues at the first chunk not written",
+    "immiscible encode --vae ~/models/sd-vae --preset fmnist-knn --set data.resolution=256 --set data.fit=resize "
+    "--out fm.safetensors",
+))
+@reports_user_errors
+def encode(
+    vae: Annotated[Path, typer.Option("--vae", help="Folder of a diffusers AutoencoderKL (config.json and "
+                                      "weights); read locally, nothing is downloaded.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The latents file to write (.safetensors).")],
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Images per VAE call and per chunk of the "
+                                       "resumable encode.")] = 32,
+    precision: Annotated[str, typer.Option(help="Storage of the latents: fp32 | fp16 (the VAE runs in fp32).")]
+    = "fp32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out, or an unfinished encode made "
+                                        "with other settings.")] = False,
+) -> None:
+    """Encode a preset's images with a VAE into a latents file, for `data.source: latents` (the latents-knn
+    preset); chunked, resumable by running it again."""
+    one_process("encode")
+    from . import encode as encode_mod
+    from .console import Bars
+
+    with Bars(err) as bars:
+        header = encode_mod.encode(vae, preset, set_ or [], out_file, batch=batch, precision=precision,
+                                   device=device, force=force, progress=bars)
+    channels, side, _ = header.shape
+    out.print(f"wrote {out_file}: {header.images} latents of {channels}x{side}x{side} ({header.precision}); train "
+              f"on them with --set data.root={out_file} (data.channels={channels}, data.resolution={side})",
+              markup=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------

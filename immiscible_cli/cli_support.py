@@ -160,5 +160,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SEC
 SamplingSetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="SECTION.FIELD=VALUE", help="Change how images are drawn or scored: a sample.* or eval.* "
     "field (e.g. sample.eta=0.5, sample.start_std=0.98); VALUE is parsed as YAML. Repeatable.")]
+VaeOpt = Annotated[Optional[Path], typer.Option("--vae", help="Runs on latents: the VAE folder that decodes the "
+                                                "images (default: the one recorded in meta.json); it must hold the "
+                                                "recorded config.json and weights.")]
 InceptionOpt = Annotated[Optional[Path], typer.Option("--inception", help="FID Inception weights (TorchScript or "
                                                       "state_dict); also IMMISCIBLE_INCEPTION.")]

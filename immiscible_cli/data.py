@@ -7,6 +7,7 @@ Sources (DataConfig.source):
   cifar10        ROOT/cifar-10-batches-py/ (read directly) or ROOT/cifar-10-python.tar.gz (md5-checked and
                  extracted by torchvision); torchvision download online
   imagefolder    any folder tree of images; labels from first-level sub-folders (the classes, in sorted order)
+  latents        a file written by `immiscible encode` (latents.py): VAE latents, float, already in model space
 
 Every source gives an `ImageSet` (uint8 [N, C, H, W] at the configured resolution and channel count, labels int64
 [N]: the dataset's own classes; an imagefolder image outside every class sub-folder is unlabelled, -1);
@@ -44,7 +45,7 @@ class DataError(UserError):
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # [N, C, H, W] uint8
+    images: torch.Tensor  # [N, C, H, W] uint8 pixels, or float latents in model space (data.source: latents)
     labels: torch.Tensor  # [N] int64, -1 = unlabelled
     num_classes: int  # classes of the source; 0 = none (an imagefolder without class sub-folders)
     name: str
@@ -225,7 +226,12 @@ def load_imagefolder(root: str | None, resolution: int, channels: int) -> tuple[
 
 
 def load_images(cfg: DataConfig, split: str | None = None) -> ImageSet:
-    """The configured source as uint8 [N, C, H, W] at cfg.resolution with cfg.channels channels."""
+    """The configured source as uint8 [N, C, H, W] at cfg.resolution with cfg.channels channels (latents: float
+    [N, C, h, w] from the file, checked against both)."""
+    if cfg.source == "latents":
+        from .latents import load_latent_set
+
+        return load_latent_set(cfg)
     split = split or cfg.split
     num_classes = 10
     if cfg.source == "embedded":
@@ -294,7 +300,9 @@ def fit_resolution(images: torch.Tensor, resolution: int, fit: str) -> torch.Ten
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
+    """uint8 [0, 255] -> float32 [-1, 1]; float latents are in model space already (float32, values kept)."""
+    if images.is_floating_point():
+        return images.to(torch.float32)
     return images.to(torch.float32) / 127.5 - 1.0
 
 
@@ -314,7 +322,8 @@ def mean_image(data: ImageSet, hflip: bool, cap: int = MEAN_IMAGE_CAP) -> torch.
     total = torch.zeros(images.shape[1:], dtype=torch.float64)
     for start in range(0, len(images), 4096):
         total += images[start:start + 4096].to(torch.float64).sum(dim=0)
-    mean = total / (127.5 * len(images)) - 1.0
+    scale, offset = (1.0, 0.0) if images.is_floating_point() else (127.5, 1.0)  # latents: model space already
+    mean = total / (scale * len(images)) - offset
     if hflip:
         mean = (mean + mean.flip(-1)) / 2
     return mean.to(torch.float32)
@@ -388,8 +397,8 @@ class BatchStream:
 
 
 def fits_on_gpu(data: ImageSet, device: torch.device) -> bool:
-    """True when the uint8 set takes under a quarter of the GPU's free memory."""
+    """True when the set (uint8 images, or float latents) takes under a quarter of the GPU's free memory."""
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return data.images.numel() < free // 4
+    return data.images.numel() * data.images.element_size() < free // 4

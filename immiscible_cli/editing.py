@@ -206,6 +206,9 @@ def inpaint_run(run: Run, *, ckpt: str, image: Path, mask: str, seeds: Sequence[
 
     if len(seeds) > EDITS_MAX:
         raise EditError(f"--num/--seeds: {len(seeds)} edits per image; give at most {EDITS_MAX}")
+    if run.config().data.source == "latents":
+        raise EditError(f"--inpaint: {run.path} trains on VAE latents, and in-painting keeps known pixels of an "
+                        f"image run; sample it without --inpaint")
     names, known, fill = load_inputs(Path(image), mask, run.config().data)  # bad input fails before the network
     net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
                                                         steps=steps, guidance=guidance, label=label,

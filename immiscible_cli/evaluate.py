@@ -19,19 +19,22 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from . import checkpoint, distributed, runs
-from .config import check_steps
+from .config import Config, check_steps
 from .console import Bars, show_table
 from .errors import UserError
 from .files import check_writable
+from .latents import run_decoder, run_header
 from .metrics import FIDExtractor
 from .metrics.scorer import FIDScorer, inception_precision
 from .runs import append_fid_row, fid_settings, read_fid_rows
 from .networks import load_network, pick_device
 from .sampling import sampling_config
+from .vae import attach
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -71,11 +74,27 @@ def _check_outputs(targets: list[runs.Run], ckpts: list[str]) -> dict[Path, User
     return unwritable
 
 
+def _scorer(run: runs.Run, cfg: Config, device: torch.device, extractors: dict[tuple[str, str], FIDExtractor],
+            console: Console, *, mode: str | None, batch: int | None, inception: Path | None,
+            **options: Any) -> FIDScorer:
+    """The FID scorer of one run, sharing one Inception network per mode and precision through `extractors`."""
+    chosen_mode = mode or cfg.eval.mode
+    key = (chosen_mode, inception_precision(cfg.eval.inception_precision, device))
+    if key not in extractors:
+        extractors[key] = FIDExtractor(chosen_mode, device, weights=inception,
+                                       batch_size=batch or cfg.eval.batch_size, precision=key[1])
+    with Bars(console) as bars:
+        return FIDScorer(cfg, device, progress=bars, mode=chosen_mode, batch=batch, extractor=extractors[key],
+                         latent=run_header(run, cfg), **options)
+
+
 def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int | None, steps: int | None,
                   sampler: str | None, reference: str | None, mode: str | None, batch: int | None, kid: bool,
                   inception: Path | None, device: str, console: Console,
-                  reference_images: int | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+                  reference_images: int | None = None, overrides: Sequence[str] = (),
+                  vae: Path | None = None) -> list[dict[str, Any]]:
     """Score every selected checkpoint that has no row with the same settings yet; the curves per run.
+    A latent run's images are decoded by its recorded VAE (or `vae`, `--vae`; checked by sha256).
 
     `overrides`: `--set` of sampling and FID fields (SAMPLING_OVERRIDES, e.g. `sample.start_std=0.98`), applied to
     every run's config; the rows record them, so such a point sits beside the run's own and is compared only with
@@ -83,20 +102,16 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
     configs = [sampling_config(run, overrides) for run in targets]  # a bad --set fails before any work
     unwritable = _check_outputs(targets, ckpts)
     torch_device = pick_device(device)
+    decoders = [run_decoder(run, cfg, vae, torch_device) for run, cfg in zip(targets, configs)]  # latent runs'
+    # VAEs: a missing or changed one fails before any scoring
     extractors: dict[tuple[str, str], FIDExtractor] = {}  # one Inception network per mode and precision
     results = []
-    for run, cfg in zip(targets, configs):
+    for run, cfg, decoder in zip(targets, configs, decoders):
         if steps is not None:
             check_steps(cfg, steps)
-        chosen_mode = mode or cfg.eval.mode
-        key = (chosen_mode, inception_precision(cfg.eval.inception_precision, torch_device))
-        if key not in extractors:
-            extractors[key] = FIDExtractor(chosen_mode, torch_device, weights=inception,
-                                           batch_size=batch or cfg.eval.batch_size, precision=key[1])
-        with Bars(console) as bars:
-            scorer = FIDScorer(cfg, torch_device, progress=bars, num_images=num_images, sampler=sampler,
-                               steps=steps, reference=reference, mode=chosen_mode, batch=batch, kid=kid,
-                               extractor=extractors[key], reference_images=reference_images)
+        scorer = _scorer(run, cfg, torch_device, extractors, console, num_images=num_images, sampler=sampler,
+                         steps=steps, reference=reference, mode=mode, batch=batch, kid=kid, inception=inception,
+                         reference_images=reference_images)
         wanted = json.dumps(scorer.settings(), sort_keys=True)
 
         def matches(row: dict[str, Any]) -> bool:
@@ -119,6 +134,7 @@ def evaluate_runs(targets: list[runs.Run], *, ckpts: list[str], num_images: int 
                           f"scored with these settings, {len(todo)} to score", markup=False)
             for ckpt in todo:
                 net, _, _, state = load_network(run, ckpt, True, torch_device)
+                attach(net, decoder)
                 with Bars(console) as bars:
                     row = scorer.score(net, kimg=ckpt.kimg, step=int(state["step"]),
                                        train_s=float(state["train_s"]), progress=lambda done, total, _:

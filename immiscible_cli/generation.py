@@ -3,8 +3,9 @@ analysis): image i depends only on seed i, never on the batch it is generated in
 
 Every image owns a torch.Generator seeded with its seed (edm's StackedRandomGenerator idea): its starting noise
 and every stochastic sampler step draw from it, so `--batch 1` and `--batch 256` give the same image for a seed.
-Samples pass through the assigner's `decode` (undoing image scaling) before they become pixels. This module knows
-no run directory and no command: metrics, the trainer, editing and analysis import it, not the other way round.
+Samples pass through the assigner's `decode` (undoing image scaling) before they become pixels; a latent run's
+samples then through the VAE its network carries (vae.attach), batch by batch, clipped to [-1, 1]. This module
+knows no run directory and no command: metrics, the trainer, editing and analysis import it, not the other way round.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import assigners, start_noise
+from . import assigners, start_noise, vae
 from .config import Config
 from .counter_noise import CounterNoise
 from .data import to_uint8
@@ -59,7 +60,8 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
              batch: int = 64, device: torch.device | None = None, nfe: list[int] | None = None,
              sampler_options: Callable[[int, SeededNoise], dict[str, Any]] | None = None,
              precision: str = "fp32") -> torch.Tensor:
-    """uint8 [N, C, H, W] images, one per seed, decoded to data space.
+    """uint8 [N, C, H, W] images, one per seed, decoded to data space (a latent run's: by the network's VAE, at
+    the image size, after generation).
 
     The sampler options come from `cfg.sample` (eta unless given, clip_x0 with c = assigner.image_scale, the DDIM
     grid, the ODE tolerances). When `nfe` is given, the number of network calls of each generated batch is
@@ -78,6 +80,9 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
     # Clip at the data range in model space: image scaling multiplies the data in [-1, 1] by image_scale.
     clip_x0 = cfg.assigner.image_scale if cfg.sample.clip_x0 else None
     counting = CountingNet(net)
+    decoder = vae.attached(net)
+    if cfg.data.source == "latents" and decoder is None:
+        raise RuntimeError("a latent run's network must carry its VAE (vae.attach) before it generates")
     out = []
     for start in range(0, len(seeds), batch):
         chunk = list(seeds[start:start + batch])
@@ -98,5 +103,9 @@ def generate(net: torch.nn.Module, cfg: Config, seeds: Sequence[int], *, sampler
                                  **(sampler_options(start, noise_source) if sampler_options else {}))  # model space
         if nfe is not None:
             nfe.append(counting.calls)
-        out.append(to_uint8(assigners.decode(x.float(), cfg.assigner)).cpu())
+        if decoder is None:  # pixels: / image_scale, clipped to [-1, 1]
+            images = assigners.decode(x.float(), cfg.assigner)  # [b, C, H, W]
+        else:  # latents are not bounded: / image_scale, decoded, clipped to [-1, 1] by the VAE's decode
+            images = decoder.decode(x.float() / cfg.assigner.image_scale)  # [b, 3, H f, W f]
+        out.append(to_uint8(images).cpu())
     return torch.cat(out)

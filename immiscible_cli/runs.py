@@ -4,7 +4,8 @@ A run directory describes itself (resolved config, provenance, append-only logs)
 
     runs/00007-cifar10-knn/
       config.yaml      the resolved config (reload with `Run.config()`)
-      meta.json        provenance: argv, versions, git SHA, device, start time
+      meta.json        provenance: argv, versions, git SHA, device, start time; a latent run's `latents` (its
+                       file, source images and VAE: latents.LatentHeader.record)
       log.txt          tee'd log, one fixed-field status line per tick
       metrics.jsonl    one row per tick (training statistics)
       fid.jsonl        one row per FID evaluation (the curve), with every setting next to the number (below)
@@ -22,8 +23,9 @@ A fid.jsonl row (written by metrics/scorer.py):
     sampling {"eta", "clip_x0", "ddim_grid", "ode_atol", "ode_rtol"} (every objective's other sampler fields that
     change the samples, objectives.SAMPLER_FIELDS; null where the sampler does not use it; "noise": per-image | counter and "precision": fp32 | bf16, the
     generator's), ema (bool), weights {"source", "sha256", "dtype"}, inception_precision (fp32 | fp16, the run
-    dtype of the Inception network), frechet ("eigh": stats.frechet_distance_eigh; rows without it used scipy's
-    sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
+    dtype of the Inception network), decoder (latent runs only: their VAE, {"config_sha256", "weights_sha256",
+    "scaling_factor", "shift_factor"}, with its folder in `decoder_path`, not a setting), frechet
+    ("eigh": stats.frechet_distance_eigh; rows without it used scipy's sqrtm, equal to 1e-3; not a setting), settings added later are absent from older rows (SETTING_DEFAULTS),
     nfe (network evaluations per image, mean over batches), seconds (scoring time),
     train_s (training seconds elapsed at that checkpoint, FID time excluded), time (unix seconds).
 Only rows with equal `fid_settings` are comparable. Reading a run needs no torch (compare, study status).
@@ -66,6 +68,9 @@ FID_ROW = RowSchema(required={"kimg": NUMBER, "fid": NUMBER},
 # The settings that make two FID numbers comparable: every fid.jsonl row carries them next to `fid`.
 FID_SETTINGS = ("mode", "num_images", "reference", "sampler", "steps", "guidance", "sampling", "ema", "weights",
                 "inception_precision")
+# Settings only some rows carry, compared where present: a latent run's VAE (pixel rows have none, so they and every
+# comparison written before it read as before)
+OPTIONAL_SETTINGS = ("decoder",)
 # Settings added later, with the value every row written before them had: a row lacking one means this value.
 SETTING_DEFAULTS: dict[str, Any] = {
     "sampling": {"noise": "per-image", "precision": "fp32", "start_std": 1.0, "start": "standard"},
@@ -74,12 +79,13 @@ SETTING_DEFAULTS: dict[str, Any] = {
 
 def fid_settings(row: dict[str, Any]) -> dict[str, Any]:
     """The part of a fid.jsonl row that must match for two FIDs to be comparable (settings added later filled in
-    with SETTING_DEFAULTS, so older rows stay comparable)."""
+    with SETTING_DEFAULTS, so older rows stay comparable; OPTIONAL_SETTINGS where the row has them)."""
     settings = {key: row.get(key, None if isinstance(SETTING_DEFAULTS.get(key), dict) else SETTING_DEFAULTS.get(key))
                 for key in FID_SETTINGS}
     for key, defaults in SETTING_DEFAULTS.items():
         if isinstance(defaults, dict) and isinstance(settings[key], dict):
             settings[key] = {**defaults, **settings[key]}
+    settings.update({key: row[key] for key in OPTIONAL_SETTINGS if row.get(key) is not None})
     return settings
 
 

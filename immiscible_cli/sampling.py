@@ -17,7 +17,9 @@ from .console import Progress
 from .errors import UserError, names_memory_field
 from .generation import generate
 from .images import grid_image, save_each, save_png
+from .latents import run_decoder
 from .networks import load_network, pick_device
+from .vae import attach
 from .runs import Run
 
 
@@ -117,17 +119,19 @@ def _check_guidance_applies(cfg: Config, weight: float, option: str) -> None:
 
 
 def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: str | None, steps: int | None,
-                      guidance: float | None, label: int | None, overrides: Sequence[str] = ()
-                      ) -> tuple[torch.nn.Module, Config, str, torch.device]:
+                      guidance: float | None, label: int | None, overrides: Sequence[str] = (),
+                      vae: Path | None = None) -> tuple[torch.nn.Module, Config, str, torch.device]:
     """`sample`'s options checked against the run, and its network: (net, config with `overrides`, sampler,
-    device)."""
+    device). A latent run's network carries its VAE (the recorded one, or `vae`, checked by sha256)."""
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance {guidance}: expected a finite weight >= 0 (1 = no guidance)")
     cfg = sampling_config(run, overrides)  # a bad --set fails before the network is read
     if guidance is not None and guidance != 1:
         _check_guidance_applies(cfg, guidance, "--guidance ")
     torch_device = pick_device(device)
+    decoder = run_decoder(run, cfg, vae, torch_device)  # a missing or changed VAE fails before the network is read
     net, _, _, _ = load_network(run, ckpt, ema, torch_device)
+    attach(net, decoder)
     sampler = sampler or cfg.sample.sampler
     check_sampler(cfg.objective.kind, sampler)
     if steps is not None:
@@ -141,12 +145,12 @@ def load_for_sampling(run: Run, *, ckpt: str, ema: bool, device: str, sampler: s
 def sample_run(run: Run, *, ckpt: str, seeds: Sequence[int], steps: int | None, sampler: str | None,
                guidance: float | None, label: int | None, batch: int | None, out_dir: Path | None,
                grid: Path | None, ema: bool, device: str, progress: Progress | None = None,
-               overrides: Sequence[str] = ()) -> list[Path]:
+               overrides: Sequence[str] = (), vae: Path | None = None) -> list[Path]:
     """`immiscible sample`: images from a run's snapshot as PNG files (written batch by batch, as they come) and/or
     one grid of the first GRID_MAX (only those are made without `out_dir`); returns what it wrote."""
     net, cfg, sampler, torch_device = load_for_sampling(run, ckpt=ckpt, ema=ema, device=device, sampler=sampler,
                                                         steps=steps, guidance=guidance, label=label,
-                                                        overrides=overrides)
+                                                        overrides=overrides, vae=vae)
     count = len(seeds) if out_dir is not None else min(len(seeds), GRID_MAX)
     shown, kept, done = min(count, GRID_MAX) if grid is not None else 0, [], 0
     batches = sample_batches(net, cfg, itertools.islice(seeds, count), batch=batch or cfg.sample.batch_size,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import assigners, checkpoint, distributed, loggers, run_create, runs, train_ranks
+from . import assigners, checkpoint, distributed, latents, loggers, run_create, runs, train_ranks, vae
 from .config import Config
 from .data import check_classes, load_images
 from .errors import UserError
@@ -24,10 +24,12 @@ from .train_report import Reporter
 
 def check_before_work(cfg: Config) -> None:
     """What fails before any work or write: an optional solver (assigner) or logger extra that is not installed,
-    a batch the processes cannot share (train_ranks.split_batch)."""
+    a batch the processes cannot share (train_ranks.split_batch), latents that do not fit the model or a VAE that
+    is missing or not theirs (latents.check_training_vae)."""
     assigners.check_available(cfg.assigner)
     loggers.check_available(cfg.train.loggers)
     train_ranks.split_batch(cfg, distributed.world())
+    latents.check_training_vae(cfg)
 
 
 def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool = False,
@@ -44,6 +46,7 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
         check_classes(data, cfg.model.num_classes)  # a conditional model needs a class for every image's label
     except UserError as e:
         raise distributed.everywhere(e) from None
+    decoding = latents.training_vae(cfg, device)  # latents: (header, VAE) checked before any directory is made
     continued = run_dir is not None and (resume or runs.holds_run(run_dir))
     run = distributed.on_main(lambda: _open_or_create(cfg, out_root, run_dir, resume, argv, device))
     with distributed.main_context(run.lock):  # several processes: rank 0 alone writes the run directory
@@ -51,6 +54,11 @@ def train(cfg: Config, out_root: Path, run_dir: Path | None = None, resume: bool
             distributed.on_main(lambda: record_continuation(run, argv, str(device)))
         loop = TrainingLoop(cfg, run, data, device, scorer,
                             fid_sink=lambda row: distributed.on_main(lambda: append_fid_row(run, row)))
+        if decoding is not None:  # the grids and FID points decode with it; meta.json says which VAE it is
+            header, decoder = decoding
+            vae.attach(loop.ema, decoder)
+            record = {**header.record(), "vae": decoder.identity.record()}
+            distributed.on_main(lambda: run.update_meta(latents=record))
         reporter = Reporter(run, cfg, console) if distributed.is_main() else train_ranks.SilentReporter(run, cfg)
         with reporter:
             if loop.world > 1 or loop.micro < loop.share:

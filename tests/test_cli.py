@@ -33,7 +33,7 @@ def test_help_lists_the_five_commands():
 
 
 @pytest.mark.parametrize("command", [["train"], ["sample"], ["eval"], ["compare"], ["presets"],
-                                     ["presets", "show"]])
+                                     ["presets", "show"], ["encode"]])
 def test_every_command_has_examples(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Examples" in result.output

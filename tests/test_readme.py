@@ -35,5 +35,5 @@ def test_readme_mentions_every_preset_and_command():
     text = (ROOT / "README.md").read_text()
     for name in list_presets():
         assert f"`{name}`" in text, name
-    for command in ("train", "sample", "eval", "compare", "presets"):
+    for command in ("train", "sample", "eval", "compare", "presets", "encode"):
         assert f"immiscible {command}" in text

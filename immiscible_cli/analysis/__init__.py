@@ -76,6 +76,9 @@ def analyze_runs(runs: list[Run], settings: RunSettings, out: Path | None, conso
     for run in runs:
         if settings.steps is not None:
             check_steps(run.config(), settings.steps)
+        if run.config().data.source == "latents":
+            raise UserError(f"{run.path}: trains on VAE latents; run mode measures image runs (data mode "
+                            f"takes a latents preset: --preset)")
     results = []
     labels = _labels([r.name for r in runs])
     with Bars(console) as bars:

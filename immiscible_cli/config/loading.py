@@ -19,7 +19,7 @@ from .validation import ConfigError, validate
 # extended this way is the same run as one configured with the new values from the start.
 RESUMABLE_OVERRIDES = ("train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.keep_last",
                        "train.keep_every_kimg", "train.keep_network", "train.batch_gpu", "train.loggers", "sample.",
-                       "eval.")
+                       "eval.", "data.vae")  # data.vae: another folder holding the same VAE (checked by sha256)
 # Fields `immiscible sample` and `immiscible eval` may change with `--set` when they use a trained run: how images
 # are drawn and scored, never what was trained. An FID row records every one of them that changes the images.
 SAMPLING_OVERRIDES = ("sample.", "eval.")

@@ -53,24 +53,31 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["embedded", "fashion-mnist", "cifar10", "imagefolder"] = "embedded"
-    """Dataset: `embedded` (10k Fashion-MNIST images shipped in the package), `fashion-mnist`, `cifar10`, or
-    `imagefolder` (any folder tree of images)."""
+    source: Literal["embedded", "fashion-mnist", "cifar10", "imagefolder", "latents"] = "embedded"
+    """Dataset: `embedded` (10k Fashion-MNIST images shipped in the package), `fashion-mnist`, `cifar10`,
+    `imagefolder` (any folder tree of images), or `latents` (a file written by `immiscible encode`: VAE latents,
+    decoded by that VAE for grids, `sample` and FID)."""
     root: str | None = None
     """Dataset folder. cifar10: holds `cifar-10-batches-py/` or `cifar-10-python.tar.gz` (downloaded there when
     online). fashion-mnist: holds `FashionMNIST/raw/` (default: /usr/share/datasets/fashion-mnist). imagefolder:
-    the folder to scan (required)."""
+    the folder to scan (required). latents: the `.safetensors` file `immiscible encode` wrote (required)."""
+    vae: str | None = None
+    """latents only: the VAE folder that decodes the samples; None = the folder recorded in the latents file. Its
+    config.json and weights must be the ones the latents were encoded with (checked by sha256)."""
     split: Literal["train", "test"] = "train"
     """Which split to train on (imagefolder has only one)."""
     resolution: int = Field(32, ge=8, le=1024)
-    """Side of the square training images, in pixels."""
+    """Side of the square training images, in pixels (for latents: the latents' side, image side / the VAE's
+    downsampling factor)."""
     fit: Literal["pad", "resize"] = "pad"
     """How images of another size reach `resolution`: `pad` (zero-pad with the background value -1, then centre
     crop if larger) or `resize` (bicubic). imagefolder always centre-crops then resizes."""
-    channels: Literal[1, 3] = 1
-    """Image channels the model sees; grey images are repeated to 3 when 3 is asked for."""
+    channels: int = Field(1, ge=1, le=64)
+    """Channels the model sees: 1 or 3 for images (grey images are repeated to 3 when 3 is asked for); for
+    latents, the VAE's latent channels (4 for Stable Diffusion's)."""
     hflip: bool = True
-    """Random horizontal flip of each training image (on the fly, from the run's flips stream)."""
+    """Random horizontal flip of each training image (on the fly, from the run's flips stream). Refused for
+    latents: a flipped latent is only approximately the latent of the flipped image."""
     max_images: int | None = Field(None, ge=1)
     """Use only the first N images of the split (class-balanced order is not guaranteed); None = all, in images."""
     gpu_resident: bool = True
@@ -364,6 +371,7 @@ class Config(_Section):
             if value not in allowed:
                 raise ValueError(f"{path}: '{value}' does not go with objective.kind '{self.objective.kind}' "
                                  f"(accepted: {', '.join(allowed)})")
+        _check_data(self)
         levels = len(self.model.channel_mult) - 1
         if self.data.resolution % (2 ** levels):
             raise ValueError(f"data.resolution: {self.data.resolution} is not divisible by 2^{levels} "
@@ -392,3 +400,23 @@ class Config(_Section):
         """sha256 of the canonical JSON of the config (short form: first 16 hex digits)."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_data(cfg: Config) -> None:
+    """The data rules across sections: images have 1 or 3 channels; latents are not flipped, and a DDPM sampler
+    must not clip them to the image range [-1, 1] (they are not bounded by it)."""
+    data = cfg.data
+    if data.source != "latents":
+        if data.channels not in (1, 3):
+            raise ValueError(f"data.channels: {data.channels}; images have 1 (grey) or 3 (RGB) channels (other "
+                             f"counts are for data.source=latents)")
+        if data.vae is not None:
+            raise ValueError("data.vae: a VAE decodes latents; this run trains on images (data.source="
+                             f"{data.source}), drop data.vae")
+        return
+    if data.hflip:
+        raise ValueError("data.hflip: flipping a latent only approximates flipping its image; set "
+                         "data.hflip=false for data.source=latents")
+    if cfg.objective.kind == "ddpm" and cfg.sample.clip_x0:
+        raise ValueError("sample.clip_x0: latents are not bounded by [-1, 1], so x0 must not be clipped to it; "
+                         "set sample.clip_x0=false for data.source=latents")

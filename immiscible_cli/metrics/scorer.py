@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .. import distributed, start_noise
+from .. import distributed, start_noise, vae
 from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
 from ..generation import generate
 from ..objectives import OBJECTIVES, sampler_settings
+from ..latents import LatentHeader, training_header
 from .features import FIDExtractor
 from . import shards
 from .reference import ReferenceKey, cleanfid_reference, reference_stats
@@ -35,15 +36,19 @@ REFERENCE_SEED = 0  # the subset of real images behind `eval.reference_images` i
 
 
 class FIDScorer:
-    """FID of a network of one run config against that config's reference statistics."""
+    """FID of a network of one run config against that config's reference statistics. A run on latents (`latent`:
+    its header) is scored on its decoded images against the images the latents were encoded from, and its rows
+    record the decoder."""
 
     def __init__(self, cfg: Config, device: torch.device, *, inception: Path | str | None = None,
                  progress: Progress | None = None, num_images: int | None = None, sampler: str | None = None,
                  steps: int | None = None, reference: str | None = None, mode: str | None = None,
                  batch: int | None = None, kid: bool = False, extractor: FIDExtractor | None = None,
-                 reference_images: int | None = None):
+                 reference_images: int | None = None, latent: LatentHeader | None = None):
         e = cfg.eval
         self.cfg, self.device, self.kid = cfg, device, kid
+        self.latent = latent
+        self.image_data = latent.source_data() if latent is not None else cfg.data  # the real images
         self.num_images = num_images or e.num_images
         self.sampler, self.steps = sampler or e.sampler, steps or e.steps
         self.reference, self.mode = reference or e.reference, mode or e.mode
@@ -63,7 +68,7 @@ class FIDScorer:
         self.ref_mu, self.ref_sigma, self.ref_info = self._reference(progress)
 
     def _reference(self, progress: Progress | None):
-        data, e = self.cfg.data, self.cfg.eval
+        data, e = self.image_data, self.cfg.eval
         if self.reference == "cleanfid":
             if data.source != "cifar10" or data.resolution != 32:
                 raise ConfigError("eval.reference: clean-fid's published statistics exist for CIFAR-10 at 32 px "
@@ -104,13 +109,14 @@ class FIDScorer:
                            "resolution": data.resolution, "file": key.filename()}
 
     def settings(self, ema: bool = True) -> dict[str, Any]:
-        """The part of a row that must match for FIDs to be comparable (FID_SETTINGS)."""
+        """The part of a row that must match for FIDs to be comparable (FID_SETTINGS; a latent run's `decoder`)."""
         w = self.extractor.weights
         return {"num_images": self.num_images, "mode": self.mode, "reference": self.ref_info,
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.cfg.sample.guidance,
                 "sampling": {**sampling_settings(self.cfg, self.sampler), "precision": self.cfg.eval.precision},
                 "ema": ema, "weights": {"source": w.source, "sha256": w.sha256, "dtype": w.dtype},
-                "inception_precision": self.extractor.precision}
+                "inception_precision": self.extractor.precision,
+                **({"decoder": self.latent.vae.setting()} if self.latent is not None else {})}
 
     def generated(self, net: torch.nn.Module, nfe: list[int]) -> Iterator[torch.Tensor]:
         """uint8 batches of the num_images generated images (seeds 0..N-1), made one batch at a time; the network
@@ -173,6 +179,8 @@ class FIDScorer:
                 row["kid"] = self._kid(stats)
             if self.cfg.sample.start == "matched":  # the fitted start itself (it grows with training)
                 row["start_moments"] = start_noise.attached(net).summary()
+            if vae.attached(net) is not None:  # where the decoder was read (not a setting: the folder may move)
+                row["decoder_path"] = vae.attached(net).identity.path
             return row
 
         row = distributed.on_main(scored)
@@ -205,4 +213,4 @@ def training_scorer(cfg: Config, device: torch.device, *, inception: Path | str 
     or reference statistics are needed)."""
     if not 0 < cfg.eval.every_kimg <= cfg.train.total_kimg:
         return None
-    return FIDScorer(cfg, device, inception=inception, progress=progress)
+    return FIDScorer(cfg, device, inception=inception, progress=progress, latent=training_header(cfg))
