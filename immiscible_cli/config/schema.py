@@ -1,5 +1,6 @@
 """The configuration schema: one pydantic model per section, every default on its field with a docstring that
-carries the unit. Nothing here reads files: loading, presets and `--set` live in `loading.py`, error messages in `validation.py`.
+carries the unit. Nothing here reads files: loading, presets and `--set` live in `loading.py`, error messages in
+`validation.py`.
 
 The names users choose among are listed once: `SAMPLERS` (objective kind -> its samplers, the first is the
 default), `OBJECTIVE_SECTIONS` and `ASSIGNER_SECTIONS` (tag -> section model); the `Literal` choices, the
