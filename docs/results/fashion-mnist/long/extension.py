@@ -1,0 +1,75 @@
+"""The 120-kimg extension (studies/fmnist-cpu-long.yaml), recomputed from the committed fid.jsonl files (no torch).
+
+    python docs/results/fashion-mnist/long/extension.py            # markdown tables on stdout
+
+1. Repeat check: a 120-kimg run's first 60 kimg are the 60-kimg run's (same seed, preset and code; the learning rate
+   is constant after warm-up), so its FID points at 12-60 kimg are set beside part 1's run of the same rule and seed.
+2. The FID of vanilla and scale2 at every point (N(0, I) start, 2,000 images) and scale2's gap (scale2 - vanilla).
+3. The speed-up to vanilla's FID at its last point, as the study's `compare` computes it: the kimg at which scale2's
+   curve first reaches that FID, linearly interpolated between points (never extrapolated), and last kimg / that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PART1 = HERE.parent / "runs"
+
+
+def curve(path: Path) -> list[tuple[float, float]]:
+    """(kimg, FID) of the run's 2,000-image points at the N(0, I) start with DDIM-20, by kimg."""
+    if not (path / "fid.jsonl").is_file():
+        return []
+    points = {}
+    for line in (path / "fid.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else None
+        if row is None:
+            continue
+        sampling = row.get("sampling", {})
+        if (row.get("num_images") == 2000 and sampling.get("start_std", 1.0) == 1.0
+                and sampling.get("start", "standard") == "standard" and row.get("sampler") == "ddim"
+                and row.get("steps") == 20):
+            points[round(row["kimg"], 3)] = row["fid"]
+    return sorted(points.items())
+
+
+def kimg_to(points: list[tuple[float, float]], target: float) -> float | None:
+    if points and points[0][1] <= target:
+        return points[0][0]
+    for (k0, f0), (k1, f1) in zip(points, points[1:]):
+        if f0 > target >= f1:
+            return k0 + (f0 - target) / (f0 - f1) * (k1 - k0)
+    return None
+
+
+def main() -> None:
+    print("Repeat check: the 120-kimg runs' points at 12-60 kimg beside part 1's 60-kimg runs (same seed 0)\n")
+    print("| rule | kimg | part 1 | 120-kimg run | difference |")
+    print("|---|---|---|---|---|")
+    for rule in ("vanilla", "scale2"):
+        old, new = dict(curve(PART1 / f"{rule}-s0")), dict(curve(HERE / "runs" / f"{rule}-s0"))
+        for kimg in sorted(old):
+            if kimg in new:
+                print(f"| {rule} | {kimg:g} | {old[kimg]:.3f} | {new[kimg]:.3f} | {new[kimg] - old[kimg]:+.3f} |")
+    van, sc = curve(HERE / "runs" / "vanilla-s0"), curve(HERE / "runs" / "scale2-s0")
+    print("\nFID at each point (N(0, I) start, 2,000 images, DDIM-20)\n")
+    print("| kimg | vanilla | scale2 | scale2 - vanilla |")
+    print("|---|---|---|---|")
+    scale2 = dict(sc)
+    for kimg, fid in van:
+        other = scale2.get(kimg)
+        print(f"| {kimg:g} | {fid:.2f} | {'-' if other is None else f'{other:.2f}'} | "
+              f"{'-' if other is None else f'{other - fid:+.2f}'} |")
+    if van and sc and van[-1][0] == sc[-1][0]:
+        last, target = van[-1]
+        reached = kimg_to(sc, target)
+        speed = "not reached" if reached is None else f"{last / reached:.2f}x (at {reached:.1f} kimg)"
+        print(f"\nscale2 reaches vanilla's FID at {last:g} kimg ({target:.2f}): {speed}")
+    else:
+        print("\nspeed-up: pending (both runs must reach the same last point)")
+
+
+if __name__ == "__main__":
+    main()
