@@ -8,9 +8,10 @@ For each rule (run name) against vanilla, paired by seed:
   speed-up 60 / that kimg ('not reached' when it never does). The decision follows the study file: FASTER when
   the median over 3 pairs is above 1 and the 90% percentile-bootstrap interval of the median excludes 1, SLOWER
   when the median is below 1 and the interval excludes 1, else no detectable difference ('not reached' ranks below
-  every speed-up; fewer than 3 pairs: 'pending').
+  every speed-up; fewer than 3 pairs: 'no decision').
 - matched start (secondary): the rule's FID at 60 kimg with sample.start=matched minus the same seed's vanilla FID
-  at 60 kimg (N(0, I)). BETTER when all 3 differences are below 0, WORSE when all are above 0.
+  at 60 kimg (N(0, I)). BETTER when all 3 differences are below 0, WORSE when all are above 0 ('no decision' with
+  fewer than 3: part 1's runs finished before networks were kept, so they have no matched-start point).
 The bootstrap uses 10,000 resamples seeded 0, as `compare` does for its interval.
 """
 
@@ -104,12 +105,12 @@ def decide(rule: str) -> dict:
         else:
             out["decision"] = "no detectable difference"
     else:
-        out["decision"] = f"pending ({len(speedups)} of 3 pairs)"
+        out["decision"] = f"no decision ({len(speedups)} of 3 pairs)"  # a one-seed rule, or runs still to come
     if len(diffs) >= 3:
         out["matched"] = ("BETTER" if all(d < 0 for d in diffs) else "WORSE" if all(d > 0 for d in diffs)
                           else "no detectable difference")
     else:
-        out["matched"] = f"pending ({len(diffs)} of 3)" if len(speedups) >= 1 or diffs else "pending"
+        out["matched"] = f"no decision ({len(diffs)} of 3 rescored)"  # part 1's runs kept no network
     return out
 
 
