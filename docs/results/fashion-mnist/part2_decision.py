@@ -93,8 +93,9 @@ def decide(rule: str) -> dict:
         speedups.append(None if reached is None else FINAL_KIMG / reached)
         matched = final(curve(run, "matched"))
         if matched is not None:
-            diffs.append(matched - target)
-    out = {"rule": rule, "seeds": seeds, "speedups": speedups, "diffs": diffs}
+            diffs.append((seed, matched - target))
+    out = {"rule": rule, "seeds": seeds, "speedups": speedups, "diffs": [d for _, d in diffs],
+           "diff_seeds": [s for s, _ in diffs]}
     if len(speedups) >= 3:
         med, (low, high) = median_rank(speedups), bootstrap(speedups)
         out["median"], out["interval"] = med, (low, high)
@@ -107,7 +108,7 @@ def decide(rule: str) -> dict:
     else:
         out["decision"] = f"no decision ({len(speedups)} of 3 pairs)"  # a one-seed rule, or runs still to come
     if len(diffs) >= 3:
-        out["matched"] = ("BETTER" if all(d < 0 for d in diffs) else "WORSE" if all(d > 0 for d in diffs)
+        out["matched"] = ("BETTER" if all(d < 0 for _, d in diffs) else "WORSE" if all(d > 0 for _, d in diffs)
                           else "no detectable difference")
     else:
         out["matched"] = f"no decision ({len(diffs)} of 3 rescored)"  # part 1's runs kept no network
@@ -125,7 +126,7 @@ def main() -> None:
         per_seed = ", ".join(fmt(v, 2, "x") for v in d["speedups"])
         interval = (f"{fmt(d['median'], 2, 'x')} [{fmt(d['interval'][0], 2, 'x')}, {fmt(d['interval'][1], 2, 'x')}]"
                     if "median" in d else "-")
-        diffs = ", ".join(f"{v:+.2f}" for v in d["diffs"]) or "-"
+        diffs = ", ".join(f"s{s} {v:+.2f}" for s, v in zip(d["diff_seeds"], d["diffs"])) or "-"
         spread = (f"{statistics.mean(d['diffs']):+.2f} ± {statistics.stdev(d['diffs']):.2f}"
                   if len(d["diffs"]) >= 2 else "-")
         print(f"| {rule} | {', '.join(map(str, d['seeds']))} | {per_seed} | {interval} | {d['decision']} | {diffs} | "
