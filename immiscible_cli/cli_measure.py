@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .cli_support import (InceptionOpt, SamplingSetOpt, SetOpt, VaeOpt, command, err, examples, fail,
                           joins_process_group, one_process, other_rank, out, reports_user_errors)
-from .config.schema import MAX_BATCH, MAX_FID_IMAGES, MAX_STEPS
+from .config.fields import MAX_BATCH, MAX_FID_IMAGES, MAX_STEPS
 from .errors import names_memory_field
 
 ANALYZE_MAX = 100_000  # analyze: batches, held-out images, samples (each held in memory at once)

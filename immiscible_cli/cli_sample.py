@@ -12,7 +12,7 @@ import typer
 
 from .cli_support import (SAMPLER_HELP, SamplingSetOpt, VaeOpt, command, err, examples, fail, one_process, out,
                           reports_user_errors)
-from .config.schema import MAX_BATCH, MAX_STEPS
+from .config.fields import MAX_BATCH, MAX_STEPS
 
 if TYPE_CHECKING:
     from .runs import Run

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config.schema import SAMPLERS
+from .config.methods import SAMPLERS
 from .errors import EXIT_ENVIRONMENT, UserError, describe_os_error, is_out_of_memory
 
 SAMPLER_HELP = ", ".join(f"{' | '.join(names)} ({kind} runs)" for kind, names in SAMPLERS.items()) + "."

@@ -13,7 +13,7 @@ import typer
 
 from .cli_support import (InceptionOpt, PresetOpt, SetOpt, command, err, examples, joins_process_group, on_rank0,
                           one_process, out, reports_user_errors)
-from .config.schema import MAX_BATCH
+from .config.fields import MAX_BATCH
 
 
 @command(epilog=examples(
