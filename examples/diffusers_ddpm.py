@@ -90,7 +90,7 @@ def image_batches(folder: str | None, resolution: int, batch_size: int) -> tuple
         data = datasets.ImageFolder(folder, to_tensor)
         channels = 3
     else:
-        from immiscible_cli.data import load_embedded
+        from immiscible_cli.datasets import load_embedded
 
         images = torch.tensor(load_embedded()[0]).float().div(127.5).sub(1)[:, None]  # [N, 1, 28, 28]
         data = torch.utils.data.TensorDataset(F.pad(images, (2, 2, 2, 2), value=-1.0))

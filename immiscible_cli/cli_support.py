@@ -1,6 +1,6 @@
-"""What every command of cli.py shares: the two consoles, `fail` (one line, an exit code, no traceback), the
-decorators that turn library errors into those lines and join torchrun's process group, the help's Examples blocks
-and the option types several commands take.
+"""What every command (cli.py and the cli_*.py modules) shares: the two consoles, `fail` (one line, an exit code,
+no traceback), the decorators that turn library errors into those lines and join torchrun's process group, the
+`command` mark with the help's Examples block, and the option types several commands take.
 
 Nothing here imports torch: `immiscible --help` and bad input answer at once.
 """
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config.schema import SAMPLERS
+from .config.methods import SAMPLERS
 from .errors import EXIT_ENVIRONMENT, UserError, describe_os_error, is_out_of_memory
 
 SAMPLER_HELP = ", ".join(f"{' | '.join(names)} ({kind} runs)" for kind, names in SAMPLERS.items()) + "."
@@ -143,6 +143,18 @@ def reports_user_errors(command: Callable) -> Callable:
                  "sample.batch_size or --batch)", EXIT_ENVIRONMENT)
 
     return wrapper
+
+
+def command(epilog: str, name: str | None = None) -> Callable:
+    """Mark a function as a command of the app with its help's Examples block (`epilog`) and its name (default:
+    the function's); cli.py registers the marked commands with Typer, in the order `immiscible --help` lists
+    them."""
+
+    def mark(function: Callable) -> Callable:
+        function.typer_command = {"name": name, "epilog": epilog}
+        return function
+
+    return mark
 
 
 def examples(*pairs: str) -> str:

@@ -24,7 +24,8 @@ import torch
 
 from .config import Config, DataConfig
 from .console import Progress
-from .data import IMAGE_SUFFIXES, fit_resolution, match_channels, to_model_space
+from .data import fit_resolution, match_channels, to_model_space
+from .datasets import IMAGE_SUFFIXES, SOURCES
 from .errors import UserError
 from .generation import SeededNoise, generate
 from .images import save_each, save_png
@@ -89,10 +90,11 @@ def read_image(path: Path, option: str) -> torch.Tensor:
 
 
 def fit_geometry(images: torch.Tensor, data: DataConfig) -> torch.Tensor:
-    """uint8 [N, C, h, w] -> [N, C, R, R] as the run's data: imagefolder centre-crops a square then resizes; the
-    other sources pad or resize (data.fit), a non-square image being centre-cropped first when resizing."""
+    """uint8 [N, C, h, w] -> [N, C, R, R] as the run's data: a source that `crops_and_resizes` (imagefolder)
+    centre-crops a square then resizes; the others pad or resize (data.fit), a non-square image being centre-cropped
+    first when resizing."""
     h, w = images.shape[-2:]
-    fit = "resize" if data.source == "imagefolder" else data.fit
+    fit = "resize" if SOURCES[data.source].crops_and_resizes else data.fit
     if fit == "resize" and h != w:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2

@@ -6,7 +6,7 @@ shifted and scaled as vae.Vae.encode says), `labels` [N] int64 when the images h
 `format` (FORMAT) and `format_version`, `vae` (vae.VaeIdentity.record() as JSON: folder, sha256 of config.json and
 weights, scaling and shift factors, channels, downsampling), `source` (JSON: the preset and the data section the
 images were read with), `images`, `num_classes`, `precision` and `encoding` ("mean"). `read_header` checks all of
-it without reading the tensors; `load_latent_set` gives the trainer a `data.ImageSet` whose `images` are the float
+it without reading the tensors; `load_latent_set` gives the trainer a `datasets.ImageSet` whose `images` are the float
 latents (already in model space) after checking them against data.channels and data.resolution.
 
 A run on latents records the header in meta.json (`latents`); `sample` and `eval` decode with the VAE recorded
@@ -25,7 +25,7 @@ import torch
 
 from . import vae as vae_mod
 from .config import Config, DataConfig
-from .data import DataError, ImageSet
+from .datasets import DataError, ImageSet
 from .files import own_file_problem, write_atomic
 from .runs import Run
 

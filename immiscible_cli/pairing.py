@@ -12,7 +12,7 @@ Rules (`RULES`): `vanilla` (noise ~ N(0, I)), `linear` (the batch's noises permu
 processes), `knn` (per sample, the best of `k` fresh candidates by `knn_score` `l2`, `direction` or `centred`,
 within `memory_budget_mib`). Every rule takes `image_scale` (the data are multiplied by it before pairing; `decode`
 divides generated samples by it). The parameters and their defaults are those of the config sections `assigner.*`
-(immiscible_cli/config/schema.py), which `make_rule` builds and validates.
+(immiscible_cli/config/methods.py), which `make_rule` builds and validates.
 
 This is the code the trainer runs (it calls `pair_config`, the layer under `pair`), so the API's noise is the
 trainer's noise for the same generator, bit for bit. Importing this module imports torch only; the rules (and
@@ -28,7 +28,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from immiscible_cli.assigners.shard import Shard
-    from immiscible_cli.config.schema import KNNAssigner, LinearAssigner, VanillaAssigner
+    from immiscible_cli.config.methods import KNNAssigner, LinearAssigner, VanillaAssigner
 
     Rule = Union[VanillaAssigner, LinearAssigner, KNNAssigner]
 
@@ -46,7 +46,7 @@ averaged per tick."""
 def __getattr__(name: str) -> Any:
     """`pairing.Rule`, the union of the three config sections, imported on first use (pydantic)."""
     if name == "Rule":
-        from immiscible_cli.config.schema import KNNAssigner, LinearAssigner, VanillaAssigner
+        from immiscible_cli.config.methods import KNNAssigner, LinearAssigner, VanillaAssigner
 
         return Union[VanillaAssigner, LinearAssigner, KNNAssigner]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -70,7 +70,7 @@ def make_rule(name: str = "vanilla", *, image_scale: float | None = None, k: int
         raise ValueError(f"unknown pairing rule {name!r}; choose one of {', '.join(RULES)}")
     from pydantic import ValidationError
 
-    from immiscible_cli.config.schema import ASSIGNER_SECTIONS
+    from immiscible_cli.config.methods import ASSIGNER_SECTIONS
 
     given = {key: value for key, value in dict(image_scale=image_scale, k=k, knn_score=knn_score,
                                               memory_budget_mib=memory_budget_mib, cost=cost, quantize=quantize,

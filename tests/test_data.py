@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from immiscible_cli import data as D
+from immiscible_cli import data as D, datasets
 from immiscible_cli.config import DataConfig
 
 
@@ -33,7 +33,7 @@ def fake_fashion(folder, split: str, n: int, compress: bool, seed: int = 0):
 
 def test_fashion_mnist_debian_layout_gz(tmp_path, monkeypatch):
     images, labels = fake_fashion(tmp_path / "debian", "test", 12, compress=True)
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", tmp_path / "debian")  # looked up when no root is given
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "debian")  # looked up when no root is given
     out = D.load_images(DataConfig(source="fashion-mnist", split="test", resolution=32, fit="pad"))
     assert out.images.shape == (12, 1, 32, 32) and out.images.dtype == torch.uint8
     assert torch.equal(out.images[:, 0, 2:30, 2:30], torch.from_numpy(images.astype(np.uint8)))
@@ -117,8 +117,8 @@ def test_embedded_set():
     assert out.images.shape == (10_000, 1, 32, 32) and out.images.dtype == torch.uint8
     assert torch.bincount(out.labels).tolist() == [1000] * 10
     assert out.images.max() == 255 and out.images[:, :, :2].max() == 0
-    assert (D.ASSETS / "LICENSE-fashion-mnist").read_text().count("MIT") >= 1
-    size = sum(p.stat().st_size for p in D.ASSETS.glob("*.xz"))
+    assert (datasets.ASSETS / "LICENSE-fashion-mnist").read_text().count("MIT") >= 1
+    size = sum(p.stat().st_size for p in datasets.ASSETS.glob("*.xz"))
     assert size < 5 * 2**20
 
 
@@ -127,10 +127,10 @@ def test_idx_reader_rejects_damage(tmp_path):
     write_idx(path, np.zeros((3, 4, 4)), compress=False)
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(D.DataError, match="truncated"):
-        D.read_idx(path)
+        datasets.read_idx(path)
     path.write_bytes(b"garbage!")
     with pytest.raises(D.DataError, match="not an idx file"):
-        D.read_idx(path)
+        datasets.read_idx(path)
 
 
 def test_batch_stream_is_seeded_resumable_and_in_range():
@@ -152,3 +152,12 @@ def test_batch_stream_is_seeded_resumable_and_in_range():
     assert torch.equal(x_b, x_c) and torch.equal(y_b, y_c) and torch.equal(y_b, seen[3])
     assert x_b.min() >= -1 and x_b.max() <= 1 and x_b.dtype == torch.float32
     assert torch.allclose(D.to_model_space(D.to_uint8(x_b)), x_b)
+
+
+def test_the_source_registry_holds_every_image_source_of_the_config():
+    from typing import get_args
+
+    choices = get_args(DataConfig.model_fields["source"].annotation)
+    assert tuple(datasets.SOURCES) + ("latents",) == choices  # latents: VAE latents of a dataset (latents.py)
+    assert [name for name, source in datasets.SOURCES.items() if len(source.splits) > 1] == ["fashion-mnist", "cifar10"]
+    assert [name for name, source in datasets.SOURCES.items() if source.crops_and_resizes] == ["imagefolder"]

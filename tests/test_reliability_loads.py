@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY
 from typer.testing import CliRunner
 
-from immiscible_cli import checkpoint, data as D, runs, trainer
+from immiscible_cli import checkpoint, data as D, datasets, runs, trainer
 from immiscible_cli.cli import app
 from immiscible_cli.config import DataConfig, load_config
 from immiscible_cli.networks import build_network, expected_snapshot
@@ -62,7 +62,7 @@ def cifar_folder(root, per_batch: int = 3):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     batches = {}
-    for name in D.CIFAR_FILES["train"] + D.CIFAR_FILES["test"]:
+    for name in datasets.CIFAR_FILES["train"] + datasets.CIFAR_FILES["test"]:
         images, labels = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), [int(v) for v in
                                                                                      rng.integers(0, 10, per_batch)]
         (folder / name).write_bytes(py2_batch(images, labels))
@@ -75,7 +75,7 @@ def test_official_format_and_python3_pickles_load(tmp_path):
     train = D.load_images(DataConfig(source="cifar10", root=str(tmp_path), channels=3))
     assert train.images.shape == (15, 3, 32, 32)
     assert torch.equal(train.images[3], torch.from_numpy(batches["data_batch_2"][0][0].reshape(3, 32, 32)))
-    assert train.labels.tolist() == sum((batches[n][1] for n in D.CIFAR_FILES["train"]), [])
+    assert train.labels.tolist() == sum((batches[n][1] for n in datasets.CIFAR_FILES["train"]), [])
     images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     for protocol in (2, 5):  # Python 3 writes bytes through _codecs.encode at protocol 2, buffers at 5
         batch = {b"batch_label": b"x", b"labels": [4, 9], b"data": images, b"filenames": [b"a.png", b"b.png"]}

@@ -225,10 +225,10 @@ def copy_package(tmp_path: Path) -> Path:
 
 def test_a_new_assigner_is_three_edits(tmp_path: Path) -> None:
     package = copy_package(tmp_path)
-    # 1. config/schema.py: the section model, in ASSIGNER_SECTIONS
-    schema = package / "config" / "schema.py"
-    edit(schema, "\n\nASSIGNER_SECTIONS:", SECTION + "\nASSIGNER_SECTIONS:")
-    edit(schema, '"knn": KNNAssigner}', '"knn": KNNAssigner, "mirror": MirrorAssigner}')
+    # 1. config/methods.py: the section model, in ASSIGNER_SECTIONS
+    methods = package / "config" / "methods.py"
+    edit(methods, "\n\nASSIGNER_SECTIONS:", SECTION + "\nASSIGNER_SECTIONS:")
+    edit(methods, '"knn": KNNAssigner}', '"knn": KNNAssigner, "mirror": MirrorAssigner}')
     # 2. assigners/NAME.py: pair (one process and sharded) and its Rule
     (package / "assigners" / "mirror.py").write_text(RULE)
     # 3. assigners/__init__.py: the registry entry
@@ -242,11 +242,11 @@ def test_a_new_assigner_is_three_edits(tmp_path: Path) -> None:
 
 def test_a_new_objective_is_three_edits(tmp_path: Path) -> None:
     package = copy_package(tmp_path)
-    # 1. config/schema.py: the section model in OBJECTIVE_SECTIONS, its samplers in SAMPLERS
-    schema = package / "config" / "schema.py"
-    edit(schema, "\n\nOBJECTIVE_SECTIONS:", OBJECTIVE_SECTION + "\nOBJECTIVE_SECTIONS:")
-    edit(schema, '"flow": FlowObjective}', '"flow": FlowObjective, "bend": BendObjective}')
-    edit(schema, '"dopri5")}', '"dopri5"), "bend": ("bend",)}')
+    # 1. config/methods.py: the section model in OBJECTIVE_SECTIONS, its samplers in SAMPLERS
+    methods = package / "config" / "methods.py"
+    edit(methods, "\n\nOBJECTIVE_SECTIONS:", OBJECTIVE_SECTION + "\nOBJECTIVE_SECTIONS:")
+    edit(methods, '"flow": FlowObjective}', '"flow": FlowObjective, "bend": BendObjective}')
+    edit(methods, '"dopri5")}', '"dopri5"), "bend": ("bend",)}')
     # 2. objectives/NAME.py: the interface of objectives/protocol.py
     (package / "objectives" / "bend.py").write_text(OBJECTIVE)
     # 3. objectives/__init__.py: the registry entry

@@ -30,6 +30,7 @@ from .. import assigners
 from ..config import Config, VanillaAssigner
 from ..console import Progress, note as say
 from ..data import DataError, ImageSet, load_images, mean_image, to_model_space, to_uint8
+from ..datasets import SOURCES
 from ..metrics import FIDExtractor, FIDWeightsError
 from ..networks import load_network, pick_device
 from ..objectives import build_objective
@@ -58,10 +59,10 @@ class RunSettings:
 
 
 def held_out(cfg: Config) -> tuple[ImageSet, str]:
-    """Images the run did not train on, and a note saying which: the other split (fashion-mnist, cifar10), else
+    """Images the run did not train on, and a note saying which: the other split (a source with two), else
     the images past data.max_images, else (with a note) the training images themselves."""
     data = cfg.data.model_copy(update={"max_images": None})
-    if data.source in ("fashion-mnist", "cifar10"):
+    if len(SOURCES[data.source].splits) > 1:
         other = "test" if data.split == "train" else "train"
         try:
             return load_images(data, split=other), f"the {other} split"

@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from .schema import ASSIGNER_SECTIONS, DEFAULT_PRESET, OBJECTIVE_SECTIONS, SAMPLERS, Config
+from .methods import ASSIGNER_SECTIONS, OBJECTIVE_SECTIONS, SAMPLERS
+from .schema import DEFAULT_PRESET, Config
 from .validation import ConfigError, validate
 
 

@@ -10,8 +10,9 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
-from .schema import (ASSIGNER_NAMES, ASSIGNER_SECTIONS, OBJECTIVE_SECTIONS, Config, DataConfig, EvalConfig,
-                     ModelConfig, SampleConfig, TrainConfig)
+from .methods import ASSIGNER_NAMES, ASSIGNER_SECTIONS, OBJECTIVE_SECTIONS
+from .schema import Config
+from .sections import DataConfig, EvalConfig, ModelConfig, SampleConfig, TrainConfig
 
 
 class ConfigError(UserError):

@@ -24,6 +24,7 @@ from .. import distributed, start_noise, vae
 from ..config import Config, ConfigError, SampleConfig, check_sampler
 from ..console import Progress, note as _note
 from ..data import load_images
+from ..datasets import SOURCES
 from ..generation import generate
 from ..objectives import OBJECTIVES, sampler_settings
 from ..latents import LatentHeader, training_header
@@ -78,7 +79,7 @@ class FIDScorer:
             return mu, sigma, {"name": "cleanfid-cifar10", "split": e.reference_split, "num_images": count,
                                "mode": self.mode}
         split = e.reference_split
-        if data.source in ("embedded", "imagefolder") and split != "train":
+        if data.source in SOURCES and split not in SOURCES[data.source].splits:  # latents: load_images reads the file
             raise ConfigError(f"eval.reference_split: the {data.source} source has one split; use train")
         _note(progress, f"FID reference: reading the {data.source} images ({split} split)")
         real = load_images(data.model_copy(update={"max_images": None}), split)  # the whole split, not a subset
