@@ -5,6 +5,7 @@ process."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def two_ranks(rank: int, world: int, port: int, root: str) -> None:
         results["resume"] = resume(Path(root))
         results["eval"] = evaluate(results["knn"])
     torch.save(results, Path(root) / f"rank{rank}.pt")
+    # End as the console script does under torchrun (cli.main): the interpreter's teardown can abort in a C++
+    # destructor of torch.distributed ("terminate called without an active exception"), which spawn reports as a
+    # failed process although every result is saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train(overrides: list[str], out: Path, preset: str = "quickstart", **kwargs):
