@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PART1 = HERE.parent / "runs"
+sys.path.insert(0, str(HERE.parent))
+from part2_decision import kimg_to  # noqa: E402  (the crossing rule part 2's decision uses: one definition)
 
 
 def curve(path: Path) -> list[tuple[float, float]]:
@@ -34,15 +37,6 @@ def curve(path: Path) -> list[tuple[float, float]]:
                 and row.get("steps") == 20):
             points[round(row["kimg"], 3)] = row["fid"]
     return sorted(points.items())
-
-
-def kimg_to(points: list[tuple[float, float]], target: float) -> float | None:
-    if points and points[0][1] <= target:
-        return points[0][0]
-    for (k0, f0), (k1, f1) in zip(points, points[1:]):
-        if f0 > target >= f1:
-            return k0 + (f0 - target) / (f0 - f1) * (k1 - k0)
-    return None
 
 
 def main() -> None:
